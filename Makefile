@@ -1,0 +1,27 @@
+# siterecovery — the two commands of the README, and a few more.
+.PHONY: demo test setup setup-test lint unit bench bench-quick clean
+
+demo: setup
+	.venv/bin/siterecovery demo
+
+test: setup-test
+	.venv/bin/ruff check siterecovery tests
+	.venv/bin/mypy
+	.venv/bin/pytest -ra
+
+setup:
+	bash scripts/setup.sh runtime
+
+setup-test:
+	bash scripts/setup.sh test
+
+lint: setup-test
+	.venv/bin/ruff check siterecovery tests
+	.venv/bin/ruff format --check siterecovery tests
+	.venv/bin/mypy
+
+unit: setup-test
+	.venv/bin/pytest -ra -m "not slow"
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache

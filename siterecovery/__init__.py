@@ -1,0 +1,3 @@
+"""siterecovery: open-source site recovery for virtual machines."""
+
+__version__ = "0.1.0"

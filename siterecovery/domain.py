@@ -1,0 +1,120 @@
+"""The vocabulary of DESIGN.md as small frozen types shared by every layer.
+
+Layers exchange these, never ORM rows, HTTP payloads or QMP dictionaries.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+from siterecovery.errors import InputError
+
+#: Names of VMs, disks, policies and plans: what can safely appear in an object key or a path.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def validate_name(kind: str, name: str) -> str:
+    """Return ``name`` if it is a valid siterecovery name, else raise :class:`InputError`."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InputError(
+            f"invalid {kind} name {name!r}",
+            hint="use 1-63 characters: letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit",
+        )
+    return name
+
+
+class ReplicationState(enum.StrEnum):
+    """States of a replicated VM (DESIGN §4)."""
+
+    UNPROTECTED = "unprotected"
+    ENABLING_PROTECTION = "enabling protection"
+    INITIAL_REPLICATION = "initial replication"
+    PROTECTED = "protected"
+    RESYNC_REQUIRED = "resync required"
+    RESYNCING = "resyncing"
+    TEST_FAILOVER_RUNNING = "test failover running"
+    FAILING_OVER = "failing over"
+    FAILED_OVER = "failed over"
+    COMMITTED = "committed"
+    FAILING_BACK = "failing back"
+    FAILED_BACK = "failed back"
+    COMMITTED_BACK = "committed back"
+    REVERSE_REPLICATING = "reverse replicating"
+    ERROR = "error"
+
+
+class Consistency(enum.StrEnum):
+    """How a recovery point was captured."""
+
+    CRASH = "crash"
+    APP = "app"
+
+
+class Health(enum.StrEnum):
+    """Health of a replicated VM."""
+
+    NORMAL = "normal"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class JobState(enum.StrEnum):
+    """State of a job or of one of its tasks."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+class FailoverKind(enum.StrEnum):
+    """The kinds of failover (DESIGN §5)."""
+
+    TEST = "test"
+    PLANNED = "planned"
+    UNPLANNED = "unplanned"
+
+
+#: Copy frequencies a policy may choose, in seconds (the seed's 30 s / 5 min / 15 min).
+COPY_FREQUENCIES_S = (30, 300, 900)
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A byte range of a disk. ``dirty``/``zero`` come from NBD block status."""
+
+    offset: int
+    length: int
+    zero: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A disk of a VM as the hypervisor sees it."""
+
+    name: str
+    size: int
+    node_name: str = ""
+    path: str = ""
+    fmt: str = "qcow2"
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """What is needed to start the same machine on the recovery site."""
+
+    name: str
+    cpus: int = 1
+    memory_mib: int = 256
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[str, ...] = ()
+    boot: dict[str, str] = field(default_factory=dict)
