@@ -1,0 +1,1 @@
+"""Hypervisor layer: QEMU processes, QMP control, dirty-bitmap cycles and the NBD client."""
