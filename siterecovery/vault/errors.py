@@ -1,0 +1,111 @@
+"""Errors of the vault layer (desired state, jobs, database)::
+
+    VaultError
+    ├── InvalidTransition      a replicated VM is not in a state that allows the operation
+    ├── InvalidJobState        a job or task is not in a state that allows the operation
+    ├── Conflict               the thing already exists, or exists differently
+    ├── SchemaTooNew           the database was written by a newer siterecovery
+    └── DatabaseUnavailable    the database cannot be reached or is busy (recoverable)
+    NotFoundError
+    ├── UnknownSite, UnknownHost, UnknownVm, UnknownPolicy, UnknownJob, UnknownPoint
+    └── VmNotProtected         the VM exists but protection is not enabled
+
+Bad arguments raise :class:`siterecovery.errors.InputError`. Every vault call runs in one
+transaction, so any of these errors means nothing was changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from siterecovery.errors import NotFoundError, VaultError
+
+
+def _quoted(states: Iterable[str]) -> str:
+    names = sorted(f"'{s}'" for s in states)
+    return " or ".join(names) if names else "(no state)"
+
+
+class InvalidTransition(VaultError):
+    """A replicated VM's state does not allow the requested operation.
+
+    The message names the VM, its current state, the operation and the states it must be in.
+    """
+
+    hint = "run `siterecovery status VM` to see the VM's state and the running jobs"
+
+    def __init__(self, *, vm: str, current: str, operation: str, required: Iterable[str]) -> None:
+        self.vm = vm
+        self.current = current
+        self.operation = operation
+        self.required = frozenset(required)
+        super().__init__(
+            f"cannot {operation} VM {vm!r}: it is '{current}', and must be {_quoted(self.required)}"
+        )
+
+
+class InvalidJobState(VaultError):
+    """A job or one of its tasks is not in a state that allows the requested operation."""
+
+    hint = "run `siterecovery job show ID` to see the job's tasks and their states"
+
+
+class Conflict(VaultError):
+    """The thing to create already exists, or exists with different settings."""
+
+    hint = "choose another name, or use the existing one"
+
+
+class SchemaTooNew(VaultError):
+    """The database schema is newer than this version of siterecovery understands."""
+
+    hint = "upgrade siterecovery to the version that wrote this database"
+
+
+class DatabaseUnavailable(VaultError):
+    """The vault database cannot be opened or is busy; a retry may succeed."""
+
+    recoverable = True
+    hint = "check the database URL, that the database is reachable, and its permissions"
+
+
+class UnknownSite(NotFoundError):
+    """No site with this name is registered in the vault."""
+
+    hint = "register the site first"
+
+
+class UnknownHost(NotFoundError):
+    """No host with this name is registered in the vault."""
+
+    hint = "register the host with `siterecovery agent register`"
+
+
+class UnknownVm(NotFoundError):
+    """No VM with this name is known to the vault."""
+
+    hint = "run `siterecovery vm list` to see the VMs the agents report"
+
+
+class UnknownPolicy(NotFoundError):
+    """No replication policy with this name exists."""
+
+    hint = "create it with `siterecovery policy create NAME ...`"
+
+
+class UnknownJob(NotFoundError):
+    """No job with this id exists."""
+
+    hint = "run `siterecovery jobs` to see job ids"
+
+
+class UnknownPoint(NotFoundError):
+    """No recovery point with this id exists for the VM."""
+
+    hint = "run `siterecovery points VM` to see the VM's recovery points"
+
+
+class VmNotProtected(NotFoundError):
+    """The VM exists but protection is not enabled for it."""
+
+    hint = "enable protection with `siterecovery protect VM --policy NAME`"
