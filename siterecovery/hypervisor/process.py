@@ -255,11 +255,19 @@ class ManagedProcess:
         return code
 
     def stop(self, timeout: float = 10) -> None:
-        """End the process: QMP quit, then SIGTERM, then SIGKILL, within about ``timeout``."""
+        """End the process: QMP quit, then SIGTERM, then SIGKILL, within about ``timeout``.
+
+        QMP quit and SIGTERM are both clean shutdowns (images closed, persistent bitmaps
+        stored); SIGTERM is sent at once when the monitor cannot be reached (QEMU serves one
+        QMP client at a time, so another client may hold it).
+        """
         if self.alive():
-            with contextlib.suppress(ProcessError, OSError):
+            try:
                 qmp_execute(self.qmp_path, "quit", timeout=min(2.0, timeout / 3))
-            if not self._reaped_within(timeout * 2 / 3):
+                asked = True
+            except ProcessError:
+                asked = False
+            if not (asked and self._reaped_within(timeout * 2 / 3)):
                 self._signal(signal.SIGTERM)
                 if not self._reaped_within(timeout / 3):
                     self.kill()
