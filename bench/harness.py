@@ -1,0 +1,252 @@
+"""Run contenders side by side: warm-up, interleaved timed runs, per-run resource figures.
+
+Every timed run is one child process (ours included), measured the same way:
+
+- ``seconds``: wall time from spawn to reap (``time.perf_counter``);
+- ``max_rss_bytes``: the child's peak resident memory, from ``os.wait4`` (the kernel reports
+  the largest of the child and the descendants it reaped);
+- ``io_read_bytes`` / ``io_written_bytes``: ``rchar`` / ``wchar`` of the child and its
+  descendants — bytes passed through read/write syscalls (files, pipes, sockets, page cache
+  hits included). The kernel adds a reaped child's counters to its parent's, so they are the
+  growth of ``/proc/self/io`` across the reap.
+
+Work needed before a run (a fresh destination, a copy of a template repository) is done by the
+contender's ``prepare`` and is not timed; figures read after a run (bytes stored, tool
+statistics) come from ``collect``, also not timed.
+
+Order: each contender runs ``warmup`` times untimed (page cache, lazy initialisation), then
+round ``k`` runs every contender once, ours first — the A B A B interleaving that
+:mod:`bench.stats` turns into pair-by-pair ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.stats import ratio_summary, summarize, throughput
+
+Figures = dict[str, float]
+Log = Callable[[str], None]
+
+
+class BenchError(Exception):
+    """A contender could not run; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One timed child process; see the module docstring for each figure."""
+
+    seconds: float
+    max_rss_bytes: int
+    io_read_bytes: int
+    io_written_bytes: int
+    stdout: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 4),
+            "max_rss_bytes": self.max_rss_bytes,
+            "io_read_bytes": self.io_read_bytes,
+            "io_written_bytes": self.io_written_bytes,
+        }
+
+
+def _proc_io() -> dict[str, int]:
+    counters: dict[str, int] = {}
+    with open("/proc/self/io") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            counters[name.strip()] = int(value)
+    return counters
+
+
+def measure(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 3600.0,
+) -> Measured:
+    """Run ``argv`` to completion and measure it; raise :class:`BenchError` if it fails.
+
+    ``env`` entries are added to this process's environment. stdout is returned (the ours
+    worker prints its figures there); stderr is quoted in the error when the run fails.
+    """
+    full_env = {**os.environ, **(env or {})}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        before = _proc_io()
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=full_env, cwd=cwd)
+        killer = threading.Timer(timeout, lambda: _kill(proc.pid))
+        killer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+        seconds = time.perf_counter() - start
+        after = _proc_io()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise BenchError(f"{argv[0]} exited with {proc.returncode}: {stderr.strip()[-2000:]}")
+    return Measured(
+        seconds=seconds,
+        max_rss_bytes=usage.ru_maxrss * 1024,
+        io_read_bytes=after["rchar"] - before["rchar"],
+        io_written_bytes=after["wchar"] - before["wchar"],
+        stdout=stdout,
+    )
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _nothing() -> None:
+    return None
+
+
+def _no_figures(_stdout: str) -> Figures:
+    return {}
+
+
+@dataclass
+class Contender:
+    """One way of doing a row's job: a command plus its untimed prepare/collect steps.
+
+    ``prepare()`` makes the state a run starts from; ``argv()`` is the timed command;
+    ``collect(stdout)`` returns figures of the run (bytes stored, shipped…) after it.
+    """
+
+    name: str
+    argv: Callable[[], list[str]]
+    role: str = "anchor"
+    prepare: Callable[[], None] = _nothing
+    collect: Callable[[str], Figures] = _no_figures
+    env: Mapping[str, str] = field(default_factory=dict)
+    note: str = ""
+
+    def command_line(self) -> str:
+        """The timed command as text, for the report."""
+        return " ".join(self.argv())
+
+
+@dataclass
+class RunRecord:
+    """One timed run of one contender: measurement plus collected figures."""
+
+    measured: Measured
+    figures: Figures
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.measured.to_json(), "figures": self.figures}
+
+
+@dataclass
+class ContenderResult:
+    """All timed runs of one contender in one row; ``error`` set when it could not run."""
+
+    contender: Contender
+    runs: list[RunRecord] = field(default_factory=list)
+    error: str | None = None
+
+    def seconds(self) -> list[float]:
+        return [run.measured.seconds for run in self.runs]
+
+
+def run_once(contender: Contender) -> RunRecord:
+    """Prepare, run (timed) and collect one run of ``contender``."""
+    contender.prepare()
+    measured = measure(contender.argv(), env=contender.env)
+    return RunRecord(measured, contender.collect(measured.stdout))
+
+
+def run_row(
+    contenders: Sequence[Contender], *, runs: int, warmup: int, log: Log
+) -> list[ContenderResult]:
+    """Warm every contender up, then run ``runs`` interleaved rounds; see the module docstring.
+
+    A contender that fails is recorded with its error and left out of later rounds; the
+    others go on. Results keep the order of ``contenders``.
+    """
+    results = [ContenderResult(c) for c in contenders]
+    for result in results:
+        for _ in range(warmup):
+            _attempt(result, log, keep=False)
+    for round_no in range(runs):
+        for result in results:
+            if result.error is None:
+                _attempt(result, log, keep=True, round_no=round_no)
+    return results
+
+
+def _attempt(result: ContenderResult, log: Log, *, keep: bool, round_no: int = -1) -> None:
+    name = result.contender.name
+    try:
+        record = run_once(result.contender)
+    except (BenchError, OSError) as exc:
+        result.error = str(exc)
+        log(f"  {name}: FAILED: {exc}")
+        return
+    label = f"run {round_no + 1}" if keep else "warm-up"
+    log(f"  {name} {label}: {record.measured.seconds:.2f} s")
+    if keep:
+        result.runs.append(record)
+
+
+def result_json(result: ContenderResult, ours: ContenderResult, data_bytes: int | None) -> dict[
+    str, Any
+]:
+    """One contender's JSON record: runs, summaries and (anchors) ratio of ours to it."""
+    contender = result.contender
+    doc: dict[str, Any] = {
+        "name": contender.name,
+        "role": contender.role,
+        "command": contender.command_line(),
+        "note": contender.note,
+        "error": result.error,
+        "runs": [run.to_json() for run in result.runs],
+    }
+    if not result.runs:
+        return doc
+    doc["summary"] = _summaries(result, data_bytes)
+    if contender.role == "anchor" and ours.runs and len(ours.runs) == len(result.runs):
+        doc["time_ratio"] = {
+            **ratio_summary(ours.seconds(), result.seconds()).to_json(),
+            "per_run": [round(a / b, 4) for a, b in zip(ours.seconds(), result.seconds(),
+                                                        strict=True)],
+        }  # fmt: skip
+    return doc
+
+
+def _summaries(result: ContenderResult, data_bytes: int | None) -> dict[str, Any]:
+    runs = result.runs
+    summary: dict[str, Any] = {
+        "seconds": summarize(result.seconds()).to_json(),
+        "max_rss_bytes": summarize([r.measured.max_rss_bytes for r in runs]).to_json(),
+        "io_read_bytes": summarize([r.measured.io_read_bytes for r in runs]).to_json(),
+        "io_written_bytes": summarize([r.measured.io_written_bytes for r in runs]).to_json(),
+    }
+    if data_bytes:
+        summary["mb_per_s"] = summarize([throughput(data_bytes, s) for s in result.seconds()]
+                                        ).to_json()  # fmt: skip
+    names = sorted({name for run in runs for name in run.figures})
+    for name in names:
+        values = [run.figures[name] for run in runs if name in run.figures]
+        summary[name] = summarize(values).to_json()
+    return summary

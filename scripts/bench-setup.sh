@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install what the benchmark harness (bench/) needs on a Debian machine: the anchors it measures
+# siterecovery against (rsync, restic, borg, qemu-img, cp) and GNU time. Idempotent: runs
+# `apt-get update` and `apt-get install` only when something is missing. Run as root (or with
+# sudo available). The Python side (.venv) is made by scripts/setup.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+have_cmd() { command -v "$1" >/dev/null 2>&1; }
+have_cmd rsync || need+=(rsync)
+have_cmd restic || need+=(restic)
+have_cmd borg || need+=(borgbackup)
+have_cmd qemu-img || need+=(qemu-utils)
+have_cmd qemu-io || need+=(qemu-utils)
+have_cmd qemu-storage-daemon || need+=(qemu-system-x86)
+[ -x /usr/bin/time ] || need+=(time)
+
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  echo "bench-setup: installing Debian packages: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  bash scripts/setup.sh runtime
+fi
