@@ -16,7 +16,8 @@ Errors: connection and protocol failures raise :class:`NbdError` (the connection
 unusable); an NBD error code from the server raises :class:`NbdServerError` with ``errno`` (the
 connection stays usable); a call with out-of-range arguments raises :class:`InputError` before
 anything is sent. Requests are pipelined: replies may arrive in any order and are matched to
-requests by cookie, and each read's payload is received straight into its result buffer.
+requests by cookie. A read answered in one piece is received with one ``MSG_WAITALL`` recv
+straight into the bytes returned (no copy); fragmented answers are assembled in a buffer.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class _Request:
     command: int
     offset: int
     length: int
-    buf: bytearray | None = None
+    data: bytes | bytearray | None = None  # whole payload, or a buffer assembling chunks
+    covered: int = 0  # payload bytes answered so far (data and holes)
     extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     error: NbdServerError | None = None
     done: bool = False
@@ -134,6 +136,21 @@ def _server_error(errno: int, what: str, message: str = "") -> NbdServerError:
     return NbdServerError(
         f"NBD server failed {what}: {os.strerror(errno)} (errno {errno}){detail}", errno=errno
     )
+
+
+def _prepare_socket(sock: socket.socket, timeout: float | None) -> None:
+    """Make ``sock`` blocking with kernel send/receive timeouts.
+
+    ``MSG_WAITALL`` only waits on a blocking socket, and Python's own timeouts make the socket
+    non-blocking, so the timeout is set with SO_RCVTIMEO / SO_SNDTIMEO instead.
+    """
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+    if timeout is not None:
+        seconds = max(timeout, 0.001)  # zero would mean "wait forever" to the kernel
+        timeval = struct.pack("@ll", int(seconds), int(seconds % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 class NbdClient:
@@ -163,7 +180,6 @@ class NbdClient:
         self._closed = False
         self._next_cookie = 1
         self._inflight: dict[int, _Request] = {}
-        self._header = bytearray(20)
         self.size = 0
         self.flags = 0
         self.min_block = 1
@@ -190,8 +206,8 @@ class NbdClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
             sock.connect(path)
+            _prepare_socket(sock, timeout)
         except OSError as exc:
             sock.close()
             raise NbdError(
@@ -213,8 +229,12 @@ class NbdClient:
                 f"cannot connect to NBD server {host}:{port}: {exc}",
                 hint="check that the NBD server is running and reachable at that address",
             ) from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _prepare_socket(sock, timeout)
+        except OSError as exc:
+            sock.close()
+            raise NbdError(f"cannot set up the NBD socket: {exc}") from exc
         return cls(sock, export, meta_contexts, sparse_reads=sparse_reads)
 
     # -- handshake -------------------------------------------------------------------------
@@ -500,14 +520,16 @@ class NbdClient:
 
     def _send_read(self, offset: int, length: int) -> _Request:
         whole = not self._sparse_reads and self.flags & _TRANSMISSION_SEND_DF
-        request = self._send_request(_CMD_READ, offset, length, _CMD_FLAG_DF if whole else 0)
-        request.buf = bytearray(length)  # zero-filled, so OFFSET_HOLE chunks need no work
-        return request
+        return self._send_request(_CMD_READ, offset, length, _CMD_FLAG_DF if whole else 0)
 
     def _finish_read(self, request: _Request) -> bytes:
         self._wait(request)
-        assert request.buf is not None
-        return bytes(request.buf)
+        if request.covered != request.length:
+            raise self._protocol_error(
+                f"read reply covers {request.covered} of {request.length} bytes"
+            )
+        data = request.data
+        return data if isinstance(data, bytes) else bytes(data or b"")
 
     # -- transmission ----------------------------------------------------------------------
 
@@ -546,15 +568,13 @@ class NbdClient:
             raise request.error
 
     def _recv_reply(self) -> None:
-        header = memoryview(self._header)
-        self._recv_into(header[:16])
+        header = self._recv_exact(16)
         (magic,) = struct.unpack_from(">I", header)
         if magic == _SIMPLE_REPLY_MAGIC:
             error, cookie = _SIMPLE_TAIL.unpack_from(header, 4)
             self._on_simple_reply(self._request_for(cookie), error)
         elif magic == _STRUCTURED_REPLY_MAGIC and self._structured:
-            self._recv_into(header[16:20])
-            flags, kind, cookie, length = _STRUCT_TAIL.unpack_from(header, 4)
+            flags, kind, cookie, length = _STRUCT_TAIL.unpack(header[4:] + self._recv_exact(4))
             request = self._request_for(cookie)
             self._on_chunk(request, kind, length)
             if flags & _REPLY_FLAG_DONE:
@@ -576,18 +596,20 @@ class NbdClient:
         if error:
             request.error = _server_error(error, self._describe(request))
         elif request.command == _CMD_READ:
-            assert request.buf is not None
-            self._recv_into(memoryview(request.buf))
+            request.data = self._recv_exact(request.length)
+            request.covered = request.length
         elif request.command == _CMD_BLOCK_STATUS:
             raise self._protocol_error("simple reply to block status")
         self._complete(request)
 
     def _on_chunk(self, request: _Request, kind: int, length: int) -> None:
-        if kind == _REPLY_OFFSET_DATA and request.buf is not None and length > 8:
+        is_read = request.command == _CMD_READ
+        if kind == _REPLY_OFFSET_DATA and is_read and length > 8:
             self._on_data(request, length - 8)
-        elif kind == _REPLY_OFFSET_HOLE and request.buf is not None and length == 12:
+        elif kind == _REPLY_OFFSET_HOLE and is_read and length == 12:
             offset, size = struct.unpack(">QI", self._recv_exact(12))
             self._check_chunk_range(request, offset, size)
+            self._assembly_buffer(request)  # zero-filled: the hole needs no further work
         elif kind == _REPLY_BLOCK_STATUS and request.command == _CMD_BLOCK_STATUS:
             self._on_block_status(request, length)
         elif kind & _REPLY_ERROR_BIT:
@@ -598,13 +620,23 @@ class NbdClient:
     def _on_data(self, request: _Request, size: int) -> None:
         (offset,) = struct.unpack(">Q", self._recv_exact(8))
         start = self._check_chunk_range(request, offset, size)
-        assert request.buf is not None
-        self._recv_into(memoryview(request.buf)[start : start + size])
+        if size == request.length and request.data is None:
+            request.data = self._recv_exact(size)  # the common case: no copy at all
+        else:
+            buffer = memoryview(self._assembly_buffer(request))
+            self._recv_into(buffer[start : start + size])
+
+    def _assembly_buffer(self, request: _Request) -> bytearray:
+        if not isinstance(request.data, bytearray):
+            request.data = bytearray(request.length)
+        return request.data
 
     def _check_chunk_range(self, request: _Request, offset: int, size: int) -> int:
+        """Check a data or hole chunk lies inside the request, and count it as answered."""
         start = offset - request.offset
-        if start < 0 or start + size > request.length:
+        if start < 0 or start + size > request.length or request.covered + size > request.length:
             raise self._protocol_error(f"reply chunk at {offset}+{size} is outside the request")
+        request.covered += size
         return start
 
     def _on_block_status(self, request: _Request, length: int) -> None:
@@ -643,31 +675,43 @@ class NbdClient:
         try:
             self._sock.sendall(data)
         except OSError as exc:
-            raise self._connection_error(f"sending to NBD server failed: {exc}") from exc
+            raise self._io_error("sending to", exc) from exc
 
     def _recv_exact(self, size: int) -> bytes:
-        buf = bytearray(size)
-        self._recv_into(memoryview(buf))
-        return bytes(buf)
+        """Receive exactly ``size`` bytes; one recv call in the usual case."""
+        self._check_open()
+        try:
+            data = self._sock.recv(size, socket.MSG_WAITALL)
+        except OSError as exc:
+            raise self._io_error("receiving from", exc) from exc
+        if len(data) == size:
+            return data
+        buffer = bytearray(size)  # a signal or timeout cut the wait short: finish in place
+        buffer[: len(data)] = data
+        self._recv_into(memoryview(buffer)[len(data) :])
+        return bytes(buffer)
 
     def _recv_into(self, view: memoryview) -> None:
         self._check_open()
         position, size = 0, len(view)
         while position < size:
             try:
-                received = self._sock.recv_into(view[position:])
+                received = self._sock.recv_into(view[position:], 0, socket.MSG_WAITALL)
             except OSError as exc:
-                raise self._connection_error(f"receiving from NBD server failed: {exc}") from exc
+                raise self._io_error("receiving from", exc) from exc
             if received == 0:
-                raise self._connection_error(
+                self._abandon()
+                raise NbdError(
                     f"NBD server closed the connection ({size - position} of {size} bytes "
                     "still expected)"
                 )
             position += received
 
-    def _connection_error(self, message: str) -> NbdError:
+    def _io_error(self, doing: str, exc: OSError) -> NbdError:
         self._abandon()
-        return NbdError(message)
+        if isinstance(exc, BlockingIOError | TimeoutError):
+            return NbdError(f"{doing} the NBD server timed out", hint="the server stopped answering")
+        return NbdError(f"{doing} the NBD server failed: {exc}")
 
     def _protocol_error(self, message: str) -> NbdError:
         self._abandon()
