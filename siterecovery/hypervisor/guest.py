@@ -230,7 +230,7 @@ def parse_console(text: str) -> ConsoleLog:
     return log
 
 
-def guest_cmdline(mode: str, **params: str | int) -> str:
+def guest_cmdline(mode: str, /, **params: str | int) -> str:
     """The kernel command line for ``mode`` with ``sr.<key>=<value>`` for each parameter.
 
     Keys are lower-case identifiers; values are short tokens without spaces or quotes (the guest
