@@ -141,31 +141,16 @@ class VmProcessSpec:
 def qemu_argv(spec: VmProcessSpec) -> list[str]:
     """The full qemu-system-x86_64 command line for ``spec`` (not validated here)."""
     wd = spec.workdir
-    argv = [
-        QEMU_BINARY,
-        "-name",
-        spec.name,
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-machine",
-        f"{spec.machine},accel={spec.accel}",
-        "-m",
-        str(spec.memory_mib),
-        "-smp",
-        str(spec.cpus),
-        "-chardev",
-        f"socket,id=qmp,path={_opt(wd / f'{spec.name}.qmp')},server=on,wait=off",
-        "-mon",
-        "chardev=qmp,mode=control",
-        "-chardev",
-        f"file,id=serial0,path={_opt(wd / f'{spec.name}.serial.log')}",
-        "-serial",
-        "chardev:serial0",
-        "-pidfile",
-        str(wd / f"{spec.name}.pid"),
-    ]
+    argv = [QEMU_BINARY, *_BASE_OPTS, "-name", spec.name, "-pidfile", str(wd / f"{spec.name}.pid")]
+    argv += _pairs(
+        ("-machine", f"{spec.machine},accel={spec.accel}"),
+        ("-m", str(spec.memory_mib)),
+        ("-smp", str(spec.cpus)),
+        ("-chardev", f"socket,id=qmp,path={_opt(wd / f'{spec.name}.qmp')},server=on,wait=off"),
+        ("-mon", "chardev=qmp,mode=control"),
+        ("-chardev", f"file,id=serial0,path={_opt(wd / f'{spec.name}.serial.log')}"),
+        ("-serial", "chardev:serial0"),
+    )
     if spec.accel == "kvm":
         argv += ["-cpu", "host"]
     if spec.no_reboot:
@@ -185,6 +170,14 @@ def qemu_argv(spec: VmProcessSpec) -> list[str]:
     for n, _kind in enumerate(spec.nics):
         argv += ["-netdev", f"user,id=net{n}", "-device", f"virtio-net-pci,netdev=net{n}"]
     return argv + list(spec.extra_args)
+
+
+_BASE_OPTS = ("-nodefaults", "-no-user-config", "-display", "none")
+
+
+def _pairs(*options: tuple[str, str]) -> list[str]:
+    """Flatten (option, value) pairs into argv words."""
+    return [word for pair in options for word in pair]
 
 
 def _opt(path: Path) -> str:
@@ -333,6 +326,12 @@ class ManagedProcess:
 atexit.register(ManagedProcess._kill_all)
 
 
+def live_processes() -> list[ManagedProcess]:
+    """Processes started here that have not been stopped, killed or waited for yet."""
+    with ManagedProcess._live_lock:
+        return list(ManagedProcess._live)
+
+
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
         try:
@@ -477,17 +476,12 @@ def qsd_argv(workdir: Path, drives: list[DriveSpec]) -> list[str]:
     argv = [QSD_BINARY]
     for drive in drives:
         argv += drive.blockdev_args("--blockdev")
-    return [
-        *argv,
-        "--nbd-server",
-        f"addr.type=unix,addr.path={_opt(workdir / 'nbd.sock')}",
-        "--pidfile",
-        str(workdir / "qsd.pid"),
-        "--chardev",
-        f"socket,id=qmp,path={_opt(workdir / 'qsd.qmp')},server=on,wait=off",
-        "--monitor",
-        "chardev=qmp",
-    ]
+    return argv + _pairs(
+        ("--nbd-server", f"addr.type=unix,addr.path={_opt(workdir / 'nbd.sock')}"),
+        ("--pidfile", str(workdir / "qsd.pid")),
+        ("--chardev", f"socket,id=qmp,path={_opt(workdir / 'qsd.qmp')},server=on,wait=off"),
+        ("--monitor", "chardev=qmp"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,21 +594,11 @@ def accel_works(accel: str, timeout: float = 5.0) -> bool:
     with tempfile.TemporaryDirectory(prefix="sr-probe-") as tmp:
         bios = Path(tmp) / "probe.bin"
         bios.write_bytes(probe_firmware())
-        argv = [
-            QEMU_BINARY,
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-machine",
-            f"pc,accel={accel}",
-            "-m",
-            "16",
-            "-bios",
-            str(bios),
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        ]
+        argv = [QEMU_BINARY, *_BASE_OPTS, "-m", "16", "-bios", str(bios)]
+        argv += _pairs(
+            ("-machine", f"pc,accel={accel}"),
+            ("-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"),
+        )
         try:
             done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:

@@ -23,11 +23,11 @@ from siterecovery.hypervisor.process import (
     ACCEL_ENV,
     ACCELS,
     DriveSpec,
-    ManagedProcess,
     QemuProcess,
     StorageDaemon,
     VmProcessSpec,
     accel_works,
+    live_processes,
     probe_accel,
     qemu_argv,
     qmp_execute,
@@ -54,7 +54,7 @@ def _pids_mentioning(path: Path) -> list[int]:
 def workdir(tmp_path: Path) -> Iterator[Path]:
     """A work directory; at teardown no process started under it may still exist."""
     yield tmp_path
-    leftovers = [p for p in list(ManagedProcess._live) if tmp_path in p.qmp_path.parents]
+    leftovers = [p for p in live_processes() if tmp_path in p.qmp_path.parents]
     for p in leftovers:
         p.kill()
     assert not leftovers, "a test left QEMU processes running"
