@@ -33,64 +33,32 @@ from types import TracebackType
 from siterecovery.errors import InputError
 from siterecovery.hypervisor.errors import NbdError, NbdServerError
 
-__all__ = [
-    "NBD_DIRTY",
-    "NBD_STATE_HOLE",
-    "NBD_STATE_ZERO",
-    "BlockStatus",
-    "NbdClient",
-]
+__all__ = ["NBD_DIRTY", "NBD_STATE_HOLE", "NBD_STATE_ZERO", "BlockStatus", "NbdClient"]
 
 # base:allocation flags, and the one flag of qemu:dirty-bitmap:NAME contexts.
 NBD_STATE_HOLE = 1
 NBD_STATE_ZERO = 2
 NBD_DIRTY = 1
 
-_NBDMAGIC = 0x4E42444D41474943
-_IHAVEOPT = 0x49484156454F5054
-_OLDSTYLE_MAGIC = 0x00420281861253
-_OPT_REPLY_MAGIC = 0x3E889045565A9
-_REQUEST_MAGIC = 0x25609513
-_SIMPLE_REPLY_MAGIC = 0x67446698
-_STRUCTURED_REPLY_MAGIC = 0x668E33EF
+# Handshake: magics, handshake flags, options, option replies (errors have bit 31), infos.
+_NBDMAGIC, _IHAVEOPT, _OPT_REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
+_FLAG_FIXED_NEWSTYLE, _FLAG_NO_ZEROES = 1, 2
+_OPT_GO, _OPT_STRUCTURED_REPLY, _OPT_SET_META_CONTEXT = 7, 8, 10
+_REP_ACK, _REP_INFO, _REP_META_CONTEXT, _REP_ERR_BIT = 1, 3, 4, 1 << 31
+_REP_ERR_UNKNOWN = _REP_ERR_BIT | 6
+_REP_ERR_NAMES = (  # indexed by the error reply type without bit 31
+    "error 0", "unsupported option", "forbidden by server policy", "invalid option",
+    "unsupported on this platform", "TLS required", "unknown export", "server shutting down",
+    "block size negotiation required", "request too big",
+)
+_INFO_EXPORT, _INFO_BLOCK_SIZE = 0, 3
 
-_FLAG_FIXED_NEWSTYLE = 1
-_FLAG_NO_ZEROES = 2
-
-_OPT_GO = 7
-_OPT_STRUCTURED_REPLY = 8
-_OPT_SET_META_CONTEXT = 10
-
-_REP_ACK = 1
-_REP_INFO = 3
-_REP_META_CONTEXT = 4
-_REP_ERR_BIT = 1 << 31
-_REP_ERR_NAMES = {
-    1: "unsupported option",
-    2: "forbidden by server policy",
-    3: "invalid option",
-    4: "unsupported on this platform",
-    5: "TLS required",
-    6: "unknown export",
-    7: "server shutting down",
-    8: "block size negotiation required",
-    9: "request too big",
-}
-
-_INFO_EXPORT = 0
-_INFO_BLOCK_SIZE = 3
-
-_CMD_READ = 0
-_CMD_DISC = 2
-_CMD_BLOCK_STATUS = 7
-_CMD_FLAG_DF = 4
-_TRANSMISSION_SEND_DF = 1 << 7
-
+# Transmission: requests, commands and their flags, replies and structured chunk types.
+_REQUEST_MAGIC, _SIMPLE_REPLY_MAGIC, _STRUCTURED_REPLY_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
+_CMD_READ, _CMD_DISC, _CMD_BLOCK_STATUS = 0, 2, 7
+_CMD_FLAG_DF, _TRANSMISSION_SEND_DF = 4, 1 << 7
 _REPLY_FLAG_DONE = 1
-_REPLY_NONE = 0
-_REPLY_OFFSET_DATA = 1
-_REPLY_OFFSET_HOLE = 2
-_REPLY_BLOCK_STATUS = 5
+_REPLY_NONE, _REPLY_OFFSET_DATA, _REPLY_OFFSET_HOLE, _REPLY_BLOCK_STATUS = 0, 1, 2, 5
 _REPLY_ERROR_BIT = 1 << 15
 _REPLY_ERROR_OFFSET = _REPLY_ERROR_BIT | 2
 
@@ -136,6 +104,29 @@ def _server_error(errno: int, what: str, message: str = "") -> NbdServerError:
     return NbdServerError(
         f"NBD server failed {what}: {os.strerror(errno)} (errno {errno}){detail}", errno=errno
     )
+
+
+def _connect(address: str | tuple[str, int], timeout: float | None) -> socket.socket:
+    """A connected unix (``address`` is a path) or TCP socket, set up for the data path."""
+    sock: socket.socket | None = None
+    try:
+        if isinstance(address, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(address)
+        else:
+            sock = socket.create_connection(address, timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _prepare_socket(sock, timeout)
+        return sock
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+        raise NbdError(
+            f"cannot connect to the NBD server at {where}: {exc}",
+            hint="check that the NBD server is running and its socket path or address is right",
+        ) from exc
 
 
 def _prepare_socket(sock: socket.socket, timeout: float | None) -> None:
@@ -203,17 +194,7 @@ class NbdClient:
         ``timeout`` bounds every socket operation (seconds; None waits forever);
         ``sparse_reads`` is described in :class:`NbdClient`.
         """
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            _prepare_socket(sock, timeout)
-        except OSError as exc:
-            sock.close()
-            raise NbdError(
-                f"cannot connect to NBD socket {path}: {exc}",
-                hint="check that the NBD server is running and the socket path is right",
-            ) from exc
+        sock = _connect(path, timeout)
         return cls(sock, export, meta_contexts, sparse_reads=sparse_reads)
 
     @classmethod
@@ -222,19 +203,7 @@ class NbdClient:
         timeout: float | None = 60.0, sparse_reads: bool = False,
     ) -> NbdClient:
         """Connect to a TCP NBD server and negotiate ``export`` and ``meta_contexts``."""
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            raise NbdError(
-                f"cannot connect to NBD server {host}:{port}: {exc}",
-                hint="check that the NBD server is running and reachable at that address",
-            ) from exc
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _prepare_socket(sock, timeout)
-        except OSError as exc:
-            sock.close()
-            raise NbdError(f"cannot set up the NBD socket: {exc}") from exc
+        sock = _connect((host, port), timeout)
         return cls(sock, export, meta_contexts, sparse_reads=sparse_reads)
 
     # -- handshake -------------------------------------------------------------------------
@@ -243,7 +212,7 @@ class NbdClient:
         magic, opt_magic, server_flags = struct.unpack(">QQH", self._recv_exact(18))
         if magic != _NBDMAGIC:
             raise self._protocol_error(f"not an NBD server (magic {magic:#x})")
-        if opt_magic == _OLDSTYLE_MAGIC or opt_magic != _IHAVEOPT:
+        if opt_magic != _IHAVEOPT:
             raise self._protocol_error("server does not speak the newstyle handshake")
         if not server_flags & _FLAG_FIXED_NEWSTYLE:
             raise self._protocol_error("server does not support fixed newstyle negotiation")
@@ -272,13 +241,14 @@ class NbdClient:
         return reply, self._recv_exact(length)
 
     def _option_refused(self, what: str, reply: int, data: bytes, export: str) -> NbdError:
-        reason = _REP_ERR_NAMES.get(reply & ~_REP_ERR_BIT, f"error {reply & ~_REP_ERR_BIT}")
-        text = data.decode("utf-8", "replace")
-        message = f"NBD server refused {what} for export {export!r}: {reason}"
-        hint = None
-        if reply == _REP_ERR_BIT | 6:
-            hint = "check the export name; the export may have been deleted"
-        return NbdError(message + (f" ({text})" if text else ""), hint=hint)
+        code = reply & ~_REP_ERR_BIT
+        reason = _REP_ERR_NAMES[code] if code < len(_REP_ERR_NAMES) else f"error {code}"
+        text = f" ({data.decode('utf-8', 'replace')})" if data else ""
+        hint = "check the export name; the export may have been deleted"
+        return NbdError(
+            f"NBD server refused {what} for export {export!r}: {reason}{text}",
+            hint=hint if reply == _REP_ERR_UNKNOWN else None,
+        )
 
     def _negotiate_structured_reply(self) -> bool:
         self._send_option(_OPT_STRUCTURED_REPLY)
@@ -710,7 +680,7 @@ class NbdClient:
     def _io_error(self, doing: str, exc: OSError) -> NbdError:
         self._abandon()
         if isinstance(exc, BlockingIOError | TimeoutError):
-            return NbdError(f"{doing} the NBD server timed out", hint="the server stopped answering")
+            return NbdError(f"{doing} the NBD server timed out")
         return NbdError(f"{doing} the NBD server failed: {exc}")
 
     def _protocol_error(self, message: str) -> NbdError:

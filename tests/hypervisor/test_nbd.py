@@ -21,6 +21,7 @@ import random
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -123,8 +124,11 @@ def test_missing_socket_is_nbd_error(tmp_path: Path) -> None:
         NbdClient.connect_unix(str(tmp_path / "absent.sock"))
 
 
-def _one_shot_server(path: Path, payload: bytes) -> threading.Thread:
-    """A unix server that sends ``payload`` to its first client and hangs up."""
+def _one_shot_server(path: Path, payload: bytes, *, hold: bool = False) -> threading.Thread:
+    """A unix server that sends ``payload`` to its first client and hangs up.
+
+    With ``hold`` it keeps the connection open, silent, until the client hangs up.
+    """
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen(1)
@@ -132,6 +136,9 @@ def _one_shot_server(path: Path, payload: bytes) -> threading.Thread:
     def serve() -> None:
         with listener, listener.accept()[0] as conn:
             conn.sendall(payload)
+            conn.settimeout(10)
+            while hold and conn.recv(4096):
+                pass
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -147,6 +154,16 @@ def test_short_or_foreign_handshake(tmp_path: Path, payload: bytes, message: str
     thread = _one_shot_server(path, payload)
     with pytest.raises(NbdError, match=message):
         NbdClient.connect_unix(str(path), timeout=5)
+    thread.join(5)
+
+
+def test_silent_server_times_out(tmp_path: Path) -> None:
+    path = tmp_path / "silent.sock"
+    thread = _one_shot_server(path, b"NBDMAGIC", hold=True)
+    started = time.monotonic()
+    with pytest.raises(NbdError, match="timed out"):
+        NbdClient.connect_unix(str(path), timeout=0.3)
+    assert time.monotonic() - started < 1.5
     thread.join(5)
 
 
