@@ -308,9 +308,11 @@ class NbdClient:
             self.size, self.flags = struct.unpack_from(">QH", payload, 2)
             return True
         if info == _INFO_BLOCK_SIZE and len(payload) == 14:
-            self.min_block, self.preferred_block, self.max_block = struct.unpack_from(
-                ">III", payload, 2
-            )
+            minimum, preferred, maximum = struct.unpack_from(">III", payload, 2)
+            # Zeros would make request splitting loop forever: keep the protocol's defaults.
+            self.min_block = minimum or self.min_block
+            self.preferred_block = preferred or self.preferred_block
+            self.max_block = maximum or self.max_block
         return False
 
     # -- block status ----------------------------------------------------------------------
