@@ -23,13 +23,16 @@ from siterecovery.errors import NotFoundError, VaultError
 
 def _quoted(states: Iterable[str]) -> str:
     names = sorted(f"'{s}'" for s in states)
-    return " or ".join(names) if names else "(no state)"
+    if len(names) < 2:
+        return names[0] if names else "(no state)"
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 class InvalidTransition(VaultError):
     """A replicated VM's state does not allow the requested operation.
 
-    The message names the VM, its current state, the operation and the states it must be in.
+    The message names the VM, its current state, the operation (``"protect it"``, ``"move it
+    to 'committed'"``...) and the states it must be in.
     """
 
     hint = "run `siterecovery status VM` to see the VM's state and the running jobs"
@@ -40,7 +43,7 @@ class InvalidTransition(VaultError):
         self.operation = operation
         self.required = frozenset(required)
         super().__init__(
-            f"cannot {operation} VM {vm!r}: it is '{current}', and must be {_quoted(self.required)}"
+            f"VM {vm!r} is '{current}': cannot {operation}; it must be {_quoted(self.required)}"
         )
 
 

@@ -316,8 +316,9 @@ def create_policy(
 def _check_policy(copy_frequency_s: int, retention_h: int, app_consistent_h: int) -> None:
     if isinstance(copy_frequency_s, bool) or copy_frequency_s not in COPY_FREQUENCIES_S:
         raise InputError(
-            f"unknown copy frequency {copy_frequency_s!r} s",
-            hint="use 30s, 5m or 15m (30, 300 or 900 seconds)",
+            f"unknown copy frequency {copy_frequency_s!r}: "
+            "use 30s, 5m or 15m (30, 300 or 900 seconds)",
+            hint="the copy frequency is one of 30s, 5m or 15m",
         )
     checks.integer("retention (hours)", retention_h, low=1, high=MAX_RETENTION_H)
     checks.integer(
@@ -358,7 +359,7 @@ def protect(db: Database, /, *, vm: str, policy: str) -> Protection:
             raise InvalidTransition(
                 vm=vm,
                 current=vm_row.replicated.state,
-                operation="protect",
+                operation="protect it",
                 required={ReplicationState.UNPROTECTED},
             )
         policy_row = rows.policy(session, policy)
@@ -397,7 +398,7 @@ def unprotect(db: Database, /, *, vm: str) -> JobRecord:
     """
     with db.transaction() as session:
         row = rows.replicated(session, vm, for_update=True)
-        _require_transition(vm, row.state, ReplicationState.UNPROTECTED, "unprotect")
+        _require_transition(vm, row.state, ReplicationState.UNPROTECTED, "unprotect it")
         details = {
             "relationship_id": row.relationship_id,
             "policy": row.policy.name,
@@ -438,7 +439,7 @@ def transition(
     with db.transaction() as session:
         vm_row = rows.vm(session, vm, for_update=True)
         current = vm_row.replicated.state if vm_row.replicated else ReplicationState.UNPROTECTED
-        _require_transition(vm, current, target, f"move to '{target}'")
+        _require_transition(vm, current, target, f"move it to '{target}'")
         assert vm_row.replicated is not None  # unprotected has no transition but protect
         row = vm_row.replicated
         now = db.now()

@@ -1,0 +1,135 @@
+"""Opening the vault database: migrations, idempotence, newer schemas, SQLite settings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from siterecovery.errors import InputError, VaultError
+from siterecovery.vault import service
+from siterecovery.vault.db import Database, head_revision, open_database
+from siterecovery.vault.errors import DatabaseUnavailable, SchemaTooNew
+from siterecovery.vault.models import Base, Site, SiteRole
+
+from .conftest import FakeClock
+
+TABLES = {
+    "alembic_version",
+    "sites",
+    "hosts",
+    "vms",
+    "disks",
+    "policies",
+    "replicated_vms",
+    "jobs",
+    "job_tasks",
+    "recovery_points",
+}
+
+
+def test_open_creates_the_schema_from_empty(database_url: str) -> None:
+    db = open_database(database_url)
+    try:
+        assert set(inspect(db.engine).get_table_names()) == TABLES
+        assert db.schema_revision() == head_revision() == "0001"
+    finally:
+        db.close()
+
+
+def test_migrated_schema_matches_the_models(db: Database) -> None:
+    with db.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_open_twice_is_idempotent_and_keeps_data(database_url: str) -> None:
+    first = open_database(database_url)
+    service.ensure_site(first, name="dc1", role=SiteRole.PRIMARY)
+    first.close()
+    second = open_database(database_url)
+    try:
+        assert second.schema_revision() == "0001"
+        assert [s.name for s in _sites(second)] == ["dc1"]
+    finally:
+        second.close()
+
+
+def test_newer_schema_is_refused_and_left_alone(database_url: str) -> None:
+    db = open_database(database_url)
+    with db.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    db.close()
+    with pytest.raises(SchemaTooNew, match="9999") as raised:
+        open_database(database_url)
+    assert "newest known: '0001'" in str(raised.value)
+    assert "upgrade siterecovery" in raised.value.hint
+    check = open_database(database_url, migrate=False)
+    try:
+        assert check.schema_revision() == "9999"
+    finally:
+        check.close()
+
+
+@pytest.mark.parametrize("url", ["not a url", "mysql://h/db", "oracle://h/db"])
+def test_bad_urls_are_input_errors(url: str) -> None:
+    with pytest.raises(InputError, match=r"URL|unsupported"):
+        open_database(url)
+
+
+def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseUnavailable, match="does not exist"):
+        open_database(f"sqlite:///{tmp_path / 'nope' / 'vault.db'}")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_sqlite_settings(db: Database) -> None:
+    if db.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite only")
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 15000
+
+
+def test_in_memory_database_works() -> None:
+    db = open_database("sqlite://")
+    try:
+        service.ensure_site(db, name="dc1", role="primary")
+        assert [s.name for s in _sites(db)] == ["dc1"]
+    finally:
+        db.close()
+
+
+def test_times_are_stored_and_returned_as_aware_utc(database_url: str) -> None:
+    plus_two = timezone(timedelta(hours=2))
+    clock = FakeClock(datetime(2025, 3, 1, 14, 30, tzinfo=plus_two))
+    db = open_database(database_url, clock=clock)
+    try:
+        site = service.ensure_site(db, name="dc1", role="primary")
+        assert site.created_at.utcoffset() == timedelta(0)
+        assert site.created_at == datetime(2025, 3, 1, 12, 30, tzinfo=UTC)
+        [row] = _sites(db)
+        assert row.created_at.tzinfo is not None
+        assert row.created_at == clock.now
+    finally:
+        db.close()
+
+
+def test_a_naive_clock_is_refused(database_url: str) -> None:
+    db = open_database(database_url, clock=lambda: datetime(2025, 1, 1))
+    try:
+        with pytest.raises(VaultError, match="naive"):
+            service.ensure_site(db, name="dc1", role="primary")
+        assert _sites(db) == []
+    finally:
+        db.close()
+
+
+def _sites(db: Database) -> list[Site]:
+    with db.transaction(write=False) as session:
+        return list(session.query(Site).order_by(Site.name))
