@@ -55,7 +55,8 @@ _INFO_EXPORT, _INFO_BLOCK_SIZE = 0, 3
 
 # Transmission: requests, commands and their flags, replies and structured chunk types.
 _REQUEST_MAGIC, _SIMPLE_REPLY_MAGIC, _STRUCTURED_REPLY_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
-_CMD_READ, _CMD_DISC, _CMD_BLOCK_STATUS = 0, 2, 7
+_CMD_READ, _CMD_WRITE, _CMD_DISC, _CMD_FLUSH, _CMD_BLOCK_STATUS = 0, 1, 2, 3, 7
+_CMD_FLAG_FUA, _TRANSMISSION_READ_ONLY, _TRANSMISSION_SEND_FLUSH = 1, 1 << 1, 1 << 2
 _CMD_FLAG_DF, _TRANSMISSION_SEND_DF = 4, 1 << 7
 _REPLY_FLAG_DONE = 1
 _REPLY_NONE, _REPLY_OFFSET_DATA, _REPLY_OFFSET_HOLE, _REPLY_BLOCK_STATUS = 0, 1, 2, 5
@@ -427,6 +428,31 @@ class NbdClient:
             return self._finish_read(request)
         return b"".join(data for _, data in self.pread_many([(offset, length)]))
 
+    def pwrite(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; with ``fua`` the server makes it durable before replying.
+
+        Writes larger than the server's maximum block are split. Raises InputError for a
+        read-only export or a range outside the disk, NbdServerError when the server refuses.
+        """
+        self._check_range(offset, len(data))
+        if self.flags & _TRANSMISSION_READ_ONLY:
+            raise InputError("the NBD export is read-only", hint="export it with writable=true")
+        view = memoryview(data)
+        requests = []
+        for start in range(0, len(data), self.max_block):
+            piece = view[start : start + self.max_block]
+            flags = _CMD_FLAG_FUA if fua else 0
+            requests.append(self._send_request(_CMD_WRITE, offset + start, len(piece), flags))
+            self._send(bytes(piece))
+        for request in requests:
+            self._wait(request)
+
+    def flush(self) -> None:
+        """Ask the server to make every completed write durable (NBD_CMD_FLUSH)."""
+        if not self.flags & _TRANSMISSION_SEND_FLUSH:
+            return
+        self._wait(self._send_request(_CMD_FLUSH, 0, 0))
+
     def pread_many(
         self, ranges: Iterable[tuple[int, int]], *, max_request: int = 8 << 20, in_flight: int = 8
     ) -> Generator[tuple[int, bytes], None, None]:
@@ -633,7 +659,8 @@ class NbdClient:
 
     @staticmethod
     def _describe(request: _Request) -> str:
-        name = "read" if request.command == _CMD_READ else "block status"
+        names = {_CMD_READ: "read", _CMD_WRITE: "write", _CMD_FLUSH: "flush"}
+        name = names.get(request.command, "block status")
         return f"{name} at offset {request.offset} length {request.length}"
 
     # -- socket ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Some hosts (Proxmox) allow one QMP client at a time, so callers connect, act, an
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,7 +61,8 @@ class QmpSession:
         except ExecuteError as exc:
             raise QmpError(f"QMP {name} failed: {exc}", hint=_hint_for(name)) from exc
         except (QMPError, OSError) as exc:
-            raise QmpError(f"QMP {name} failed: the monitor at {self.path} went away ({exc})") from exc
+            gone = f"the monitor at {self.path} went away ({exc})"
+            raise QmpError(f"QMP {name} failed: {gone}") from exc
 
     def try_cmd(self, name: str, /, **args: Any) -> Any | None:
         """Like :meth:`cmd` but return None when QEMU refuses; used only in cleanup paths."""
@@ -100,10 +102,8 @@ class QmpSession:
 
     def close(self) -> None:
         """Close the connection; idempotent."""
-        try:
+        with contextlib.suppress(QMPError, OSError):
             self._monitor.close()
-        except (QMPError, OSError):
-            pass
 
     def __enter__(self) -> QmpSession:
         return self

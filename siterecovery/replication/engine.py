@@ -1,0 +1,215 @@
+"""One replication cycle: freeze every disk, read what changed over NBD, ship it, publish a point.
+
+Contract of :meth:`Replicator.run_cycle`:
+
+- every disk of the VM is captured at one instant (:meth:`ChangeTracker.begin`);
+- the initial cycle copies each disk's allocated blocks into a **base** (holes and zero
+  ranges are skipped); a delta cycle copies exactly the dirty extents into one **delta
+  segment** per disk;
+- the recovery point manifest is published only after every object it names is stored;
+- on success the frozen change log is dropped; on any failure it is merged back into the live
+  one, so the next cycle ships those changes again and nothing is lost. The error propagates.
+
+Disks are read in parallel, one NBD connection per disk. Hashing, compression and uploads run
+on the store's own worker threads (blake3 and zstandard release the GIL).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from siterecovery.domain import Consistency
+from siterecovery.hypervisor.nbd import NbdClient
+from siterecovery.hypervisor.tracking import ChangeTracker, CycleView, DiskView
+from siterecovery.store.manifest import DiskChain, PointManifest
+from siterecovery.store.repository import ReplicaStore
+
+#: Largest NBD read request; 2-8 MiB requests read at socket speed.
+READ_REQUEST = 4 << 20
+
+Progress = Callable[[str, int, int], None]
+"""progress(disk, bytes_done, bytes_total)"""
+
+
+@dataclass(frozen=True)
+class DiskCycleStats:
+    """What one disk contributed to a cycle."""
+
+    disk: str
+    bytes_read: int
+    extents: int
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    """The outcome of one successful cycle."""
+
+    point: PointManifest
+    initial: bool
+    captured_at: datetime
+    duration_s: float
+    disks: tuple[DiskCycleStats, ...] = field(default=())
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(d.bytes_read for d in self.disks)
+
+    def figures(self) -> dict[str, Any]:
+        """Per-cycle figures as recorded in the vault's job and recovery point records."""
+        return {
+            "initial": self.initial,
+            "duration_s": round(self.duration_s, 3),
+            "bytes_read": self.bytes_read,
+            "extents": sum(d.extents for d in self.disks),
+            "captured_at": self.captured_at.isoformat(),
+        }
+
+
+class Replicator:
+    """Runs cycles of one VM from its :class:`ChangeTracker` into a :class:`ReplicaStore`."""
+
+    def __init__(
+        self,
+        tracker: ChangeTracker,
+        store: ReplicaStore,
+        vm: str,
+        *,
+        vm_config: Mapping[str, Any] | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.tracker = tracker
+        self.store = store
+        self.vm = vm
+        self.vm_config = dict(vm_config or {})
+        self.progress = progress
+
+    def run_cycle(
+        self,
+        previous: PointManifest | None,
+        *,
+        consistency: Consistency = Consistency.CRASH,
+    ) -> CycleResult:
+        """Run one cycle: initial when ``previous`` is None, else a delta on top of it."""
+        started = time.monotonic()
+        view = self.tracker.begin(initial=previous is None)
+        try:
+            chains, stats = self._ship(view, previous)
+            point = self.store.publish_point(
+                self.vm,
+                chains,
+                consistency=str(consistency),
+                vm_config=self.vm_config,
+                created_at=view.captured_at,
+            )
+        except BaseException:
+            self.tracker.end(view, shipped=False)
+            raise
+        self.tracker.end(view, shipped=True)
+        return CycleResult(point, view.initial, view.captured_at, time.monotonic() - started, stats)
+
+    def _ship(
+        self, view: CycleView, previous: PointManifest | None
+    ) -> tuple[dict[str, DiskChain], tuple[DiskCycleStats, ...]]:
+        if previous is not None:
+            _check_same_disks(view, previous)
+        with ThreadPoolExecutor(max_workers=max(1, len(view.disks))) as pool:
+            futures = {
+                d.disk: pool.submit(self._ship_disk, view, d, previous) for d in view.disks
+            }
+            results = {name: f.result() for name, f in futures.items()}
+        chains = {name: chain for name, (chain, _) in results.items()}
+        return chains, tuple(stats for _, stats in results.values())
+
+    def _ship_disk(
+        self, view: CycleView, disk: DiskView, previous: PointManifest | None
+    ) -> tuple[DiskChain, DiskCycleStats]:
+        contexts = [disk.bitmap_context] if disk.bitmap_context else ["base:allocation"]
+        with NbdClient.connect_unix(str(view.nbd_socket), disk.export, contexts) as nbd:
+            if previous is None or disk.bitmap_context is None:
+                return self._copy_base(nbd, disk)
+            return self._copy_delta(nbd, disk, previous.disks[disk.disk])
+
+    def _copy_base(self, nbd: NbdClient, disk: DiskView) -> tuple[DiskChain, DiskCycleStats]:
+        ranges = _block_ranges(nbd.allocated_extents(), self.store.block_size, disk.size)
+        writer = self.store.begin_base(self.vm, disk.disk, disk.size)
+        done = self._pump(nbd, ranges, disk.disk, writer.write, writer.abort)
+        base = writer.commit()
+        chain = DiskChain(size=disk.size, base=base, segments=())
+        return chain, DiskCycleStats(disk.disk, done, len(ranges))
+
+    def _copy_delta(
+        self, nbd: NbdClient, disk: DiskView, previous: DiskChain
+    ) -> tuple[DiskChain, DiskCycleStats]:
+        assert disk.bitmap_context is not None
+        ranges = nbd.dirty_extents(disk.bitmap_context)
+        writer = self.store.begin_segment(self.vm, disk.disk, disk.size)
+        done = self._pump(nbd, ranges, disk.disk, writer.add, writer.abort)
+        segment = writer.commit()
+        segments = previous.segments + ((segment,) if segment is not None else ())
+        chain = DiskChain(size=previous.size, base=previous.base, segments=segments)
+        return chain, DiskCycleStats(disk.disk, done, len(ranges))
+
+    def _pump(
+        self,
+        nbd: NbdClient,
+        ranges: list[tuple[int, int]],
+        disk: str,
+        sink: Callable[[int, bytes], None],
+        abort: Callable[[], None],
+    ) -> int:
+        """Read ``ranges`` (pipelined) into ``sink``; abort the writer on any failure."""
+        total = sum(length for _, length in ranges)
+        done = 0
+        try:
+            for offset, data in nbd.pread_many(ranges, max_request=READ_REQUEST):
+                sink(offset, data)
+                done += len(data)
+                if self.progress:
+                    self.progress(disk, done, total)
+        except BaseException:
+            abort()
+            raise
+        return done
+
+
+def _block_ranges(
+    extents: Iterable[tuple[int, int, bool]], block_size: int, size: int
+) -> list[tuple[int, int]]:
+    """Whole store blocks that hold any non-zero data, as (offset, length), merged.
+
+    The store's base is made of fixed blocks, so a data extent is widened to the blocks it
+    touches; blocks only covered by holes or zero extents are left out (they read as zero).
+    """
+    blocks: list[int] = []
+    for offset, length, is_zero in extents:
+        if is_zero or length <= 0:
+            continue
+        first, last = offset // block_size, (offset + length - 1) // block_size
+        if blocks and blocks[-1] >= first:
+            first = blocks[-1] + 1
+        blocks.extend(range(first, last + 1))
+    merged: list[tuple[int, int]] = []
+    for block in blocks:
+        start = block * block_size
+        length = min(block_size, size - start)
+        if merged and merged[-1][0] + merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], merged[-1][1] + length)
+        else:
+            merged.append((start, length))
+    return merged
+
+
+def _check_same_disks(view: CycleView, previous: PointManifest) -> None:
+    from siterecovery.replication.errors import DiskLayoutChanged
+
+    now = {d.disk: d.size for d in view.disks}
+    before = {name: chain.size for name, chain in previous.disks.items()}
+    if now != before:
+        raise DiskLayoutChanged(
+            f"the VM's disks changed since the last recovery point: now {now}, then {before}"
+        )
