@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from siterecovery.store.codec import SUBBLOCK_SIZE, SUM_LEN
 from siterecovery.store.context import StoreContext, is_zero, ordered_map, zeros
 from siterecovery.store.errors import (
     FormatError,
@@ -157,6 +158,23 @@ class ChainReader:
         for offset, length in extents_in_range(header.extents, start, start + len(buf)):
             buf[offset - start : offset - start + length] = plain[pos : pos + length]
             pos += length
+
+    def subblock_sums(self) -> list[bytes | None]:
+        """The keyed 64 KiB checksum of every sub-block of the disk at this point, from the
+        index and segment headers alone (no data is read). None marks a sub-block a segment
+        changed only partly: its checksum is unknown without reading it."""
+        codec = self._ctx.codec
+        sums: list[bytes | None] = []
+        for i in range(self.block_count):
+            block = self.index.block_sums(i, codec)
+            sums.extend(block[j : j + SUM_LEN] for j in range(0, len(block), SUM_LEN))
+        for _, header in self._segments:
+            for offset, length in header.extents:
+                first, end = offset // SUBBLOCK_SIZE, -(-(offset + length) // SUBBLOCK_SIZE)
+                sums[first:end] = [None] * (end - first)
+            for sub, value in header.sums:
+                sums[sub] = value
+        return sums
 
     def blocks(self) -> Iterator[tuple[int, bytes | None]]:
         """(offset, data or None for zeros) for every block in order, read in parallel with

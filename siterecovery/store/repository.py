@@ -230,6 +230,17 @@ class ReplicaStore:
         """Like :meth:`read_disk`, but zero blocks come as ``None``."""
         return ChainReader(self._ctx, point, disk).blocks()
 
+    def subblock_checksums(self, point: PointManifest, disk: str) -> list[bytes | None]:
+        """Keyed 16-byte checksums of every 64 KiB sub-block of ``disk`` at ``point``, taken
+        from the index and segment headers without reading data (for resync's fixed-block
+        compare: hash the source with the same key, send what differs). None marks a
+        sub-block whose checksum is unknown because a segment changed it only partly."""
+        return ChainReader(self._ctx, point, disk).subblock_sums()
+
+    def subblock_checksum(self, data: bytes) -> bytes:
+        """The checksum :meth:`subblock_checksums` uses, for one piece of source data."""
+        return self._ctx.codec.subblock_sums(data)
+
     def verify(self, *, deep: bool = False) -> VerifyReport:
         """Check every manifest and the objects it names (deep: read and verify all of them).
         Problems are reported, not raised; only failures to reach the store raise."""

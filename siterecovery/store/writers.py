@@ -110,7 +110,7 @@ class BaseWriter:
         """Store ``data`` at ``offset``: the offset is block-aligned and the length a
         multiple of the block size, except for a piece that ends at the disk size."""
         self._check_open()
-        self._pipe.raise_error()
+        self._fail_if_broken()
         first, count = self._check_piece(offset, len(data))
         view = memoryview(data)
         bs = self._ctx.block_size
@@ -170,6 +170,12 @@ class BaseWriter:
             for name, value in amounts.items():
                 setattr(self.stats, name, getattr(self.stats, name) + value)
 
+    def _fail_if_broken(self) -> None:
+        """A background failure ends the writer: abort, then raise it."""
+        if self._pipe.error is not None:
+            self.abort()
+            self._pipe.raise_error()
+
     def _check_open(self) -> None:
         if self._state != "open":
             raise StoreInputError(f"base writer for {self.key} is {self._state}")
@@ -224,7 +230,9 @@ class SegmentWriter:
         """Add one dirty extent."""
         if self._state != "open":
             raise StoreInputError(f"segment writer for {self.key} is {self._state}")
-        self._pipe.raise_error()
+        if self._pipe.error is not None:
+            self.abort()
+            self._pipe.raise_error()
         extent = (offset, len(data))
         last = self._extents[-1:] or []
         validate_extents([*last, extent], self.size, f"segment {self.key}")
