@@ -29,9 +29,11 @@ LEVELS = (1, 3, 9)
 
 def sample(spec: WorkloadSpec, kind: Kind, size: int) -> bytes:
     """``size`` bytes made of the workload's regions of ``kind`` (same generator)."""
-    pieces, index = [], 0
-    while sum(map(len, pieces)) < size:
+    pieces: list[bytes] = []
+    index = total = 0
+    while total < size:
         pieces.append(region_data(spec, 10_000 + index, kind))
+        total += len(pieces[-1])
         index += 1
     return b"".join(pieces)[:size]
 
@@ -76,7 +78,7 @@ def _zstd_rates(data: bytes, block: int, runs: int) -> dict[str, dict[str, float
         out[f"zstd -{level}"] = {
             "compress_mb_per_s": _rate(comp.compress, data, block, runs),
             "decompress_mb_per_s": _decompress_rate(frames, len(data), runs),
-            "ratio": len(data) / sum(map(len, frames)),
+            "ratio": len(data) / sum(len(frame) for frame in frames),
         }
     return out
 

@@ -120,15 +120,29 @@ def cp_sparse(places: Places) -> Contender:
     )
 
 
-def qemu_img_convert(places: Places, *, out_fmt: str = "qcow2", source: Path | None = None,
-                     src_fmt: str = "raw", name: str = "qemu-img convert") -> Contender:  # fmt: skip
+def qemu_img_convert(
+    places: Places,
+    *,
+    out_fmt: str = "qcow2",
+    source: Path | None = None,
+    src_fmt: str = "raw",
+    name: str = "qemu-img convert",
+) -> Contender:
     """``qemu-img convert`` from ``source`` (default: the raw image) to ``out_fmt``."""
     dest = places.dest(f"qemu-img-{out_fmt}")
     src = source or places.source
     return Contender(
         name=name,
-        argv=lambda: ["qemu-img", "convert", "-f", src_fmt, "-O", out_fmt, str(src),
-                      str(dest / f"disk.{out_fmt}")],  # fmt: skip
+        argv=lambda: [
+            "qemu-img",
+            "convert",
+            "-f",
+            src_fmt,
+            "-O",
+            out_fmt,
+            str(src),
+            str(dest / f"disk.{out_fmt}"),
+        ],
         prepare=_fresh(dest),
         collect=lambda _out: stored_figures(dest),
     )
@@ -150,8 +164,17 @@ def restic_init(repo: Path) -> None:
 
 
 def _restic_argv(repo: Path, source: Path) -> list[str]:
-    return ["restic", "--repo", str(repo), "--no-cache", "--quiet", "backup", "--host", "bench",
-            str(source)]  # fmt: skip
+    return [
+        "restic",
+        "--repo",
+        str(repo),
+        "--no-cache",
+        "--quiet",
+        "backup",
+        "--host",
+        "bench",
+        str(source),
+    ]
 
 
 def restic_backup(places: Places) -> Contender:
@@ -209,8 +232,14 @@ def rsync_delta(places: Places, unchanged: Path) -> Contender:
 
     return Contender(
         name="rsync --inplace --no-whole-file",
-        argv=lambda: ["rsync", "--inplace", "--no-whole-file", "--stats", str(places.source),
-                      str(dest / "disk.raw")],  # fmt: skip
+        argv=lambda: [
+            "rsync",
+            "--inplace",
+            "--no-whole-file",
+            "--stats",
+            str(places.source),
+            str(dest / "disk.raw"),
+        ],
         prepare=prepare,
         collect=lambda out: {**stored_figures(dest), **_rsync_sent(out)},
     )
@@ -231,8 +260,10 @@ def make_templates(places: Places, root: Path) -> Templates:
     restic_init(templates.restic)
     run_quiet(_restic_argv(templates.restic, places.source), RESTIC_ENV)
     borg_init(templates.borg_repo, templates.borg_base)
-    run_quiet(_borg_argv(templates.borg_repo, places.source),
-              {**BORG_ENV, "BORG_BASE_DIR": str(templates.borg_base)})  # fmt: skip
+    run_quiet(
+        _borg_argv(templates.borg_repo, places.source),
+        {**BORG_ENV, "BORG_BASE_DIR": str(templates.borg_base)},
+    )
     return templates
 
 

@@ -62,8 +62,14 @@ class ServedDisk:
         files = write_change_files(scratch, spec)
         url = f"nbd+unix:///{WRITE_EXPORT}?socket={self.nbd_socket}"
         with QmpSession.connect(self.qmp) as qmp:
-            qmp.cmd("block-export-add", type="nbd", id=WRITE_EXPORT, name=WRITE_EXPORT,
-                    **{"node-name": NODE}, writable=True)  # fmt: skip
+            qmp.cmd(
+                "block-export-add",
+                type="nbd",
+                id=WRITE_EXPORT,
+                name=WRITE_EXPORT,
+                **{"node-name": NODE},
+                writable=True,
+            )
             try:
                 for start in range(0, len(files), _BATCH):
                     _qemu_io(url, files[start : start + _BATCH], spec.write_size)
@@ -86,8 +92,12 @@ def _qemu_io(url: str, files: list[tuple[int, Path]], length: int) -> None:
 def to_qcow2(raw: Path, qcow2: Path) -> None:
     """Convert the raw reference image to qcow2 (holes stay unallocated); untimed setup."""
     qcow2.unlink(missing_ok=True)
-    result = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
-                             str(qcow2)], capture_output=True, text=True, check=False)  # fmt: skip
+    result = subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         raise BenchError(f"qemu-img convert failed: {result.stderr.strip()}")
 

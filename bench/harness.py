@@ -21,6 +21,7 @@ round ``k`` runs every contender once, ours first — the A B A B interleaving t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -111,10 +112,8 @@ def measure(
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _nothing() -> None:
@@ -141,10 +140,6 @@ class Contender:
     env: Mapping[str, str] = field(default_factory=dict)
     note: str = ""
 
-    def command_line(self) -> str:
-        """The timed command as text, for the report."""
-        return " ".join(self.argv())
-
 
 @dataclass
 class RunRecord:
@@ -152,6 +147,7 @@ class RunRecord:
 
     measured: Measured
     figures: Figures
+    argv: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {**self.measured.to_json(), "figures": self.figures}
@@ -172,8 +168,9 @@ class ContenderResult:
 def run_once(contender: Contender) -> RunRecord:
     """Prepare, run (timed) and collect one run of ``contender``."""
     contender.prepare()
-    measured = measure(contender.argv(), env=contender.env)
-    return RunRecord(measured, contender.collect(measured.stdout))
+    argv = contender.argv()
+    measured = measure(argv, env=contender.env)
+    return RunRecord(measured, contender.collect(measured.stdout), argv)
 
 
 def run_row(
@@ -209,15 +206,15 @@ def _attempt(result: ContenderResult, log: Log, *, keep: bool, round_no: int = -
         result.runs.append(record)
 
 
-def result_json(result: ContenderResult, ours: ContenderResult, data_bytes: int | None) -> dict[
-    str, Any
-]:
+def result_json(
+    result: ContenderResult, ours: ContenderResult, data_bytes: int | None
+) -> dict[str, Any]:
     """One contender's JSON record: runs, summaries and (anchors) ratio of ours to it."""
     contender = result.contender
     doc: dict[str, Any] = {
         "name": contender.name,
         "role": contender.role,
-        "command": contender.command_line(),
+        "command": " ".join(result.runs[-1].argv) if result.runs else "",
         "note": contender.note,
         "error": result.error,
         "runs": [run.to_json() for run in result.runs],
@@ -228,9 +225,10 @@ def result_json(result: ContenderResult, ours: ContenderResult, data_bytes: int 
     if contender.role == "anchor" and ours.runs and len(ours.runs) == len(result.runs):
         doc["time_ratio"] = {
             **ratio_summary(ours.seconds(), result.seconds()).to_json(),
-            "per_run": [round(a / b, 4) for a, b in zip(ours.seconds(), result.seconds(),
-                                                        strict=True)],
-        }  # fmt: skip
+            "per_run": [
+                round(a / b, 4) for a, b in zip(ours.seconds(), result.seconds(), strict=True)
+            ],
+        }
     return doc
 
 
@@ -243,8 +241,9 @@ def _summaries(result: ContenderResult, data_bytes: int | None) -> dict[str, Any
         "io_written_bytes": summarize([r.measured.io_written_bytes for r in runs]).to_json(),
     }
     if data_bytes:
-        summary["mb_per_s"] = summarize([throughput(data_bytes, s) for s in result.seconds()]
-                                        ).to_json()  # fmt: skip
+        summary["mb_per_s"] = summarize(
+            [throughput(data_bytes, s) for s in result.seconds()]
+        ).to_json()
     names = sorted({name for run in runs for name in run.figures})
     for name in names:
         values = [run.figures[name] for run in runs if name in run.figures]

@@ -67,8 +67,9 @@ def tool_version(argv: list[str]) -> str:
 
 
 def _filesystem(path: Path) -> str:
-    result = subprocess.run(["df", "--output=fstype", str(path)], capture_output=True, text=True,
-                            check=False)  # fmt: skip
+    result = subprocess.run(
+        ["df", "--output=fstype", str(path)], capture_output=True, text=True, check=False
+    )
     lines = result.stdout.split()
     return lines[-1] if result.returncode == 0 and len(lines) > 1 else "unknown"
 

@@ -1,8 +1,8 @@
 """Render a results document (see bench/README.md) as markdown and update docs/benchmarks.md.
 
-One table per row of the benchmark: a line per contender with time median (min–max), MB/s
+One table per row of the benchmark: a line per contender with time median (min-max), MB/s
 when the row has a data size, peak memory, the row's byte figures, and the pair-by-pair time
-ratio ours/anchor (median, min–max; below 1 means ours is faster). Rows whose feature does not
+ratio ours/anchor (median, min-max; below 1 means ours is faster). Rows whose feature does not
 exist yet print their status instead of a table.
 """
 
@@ -19,7 +19,8 @@ END = "<!-- bench:latest:end -->"
 
 #: figure name -> column title, in column order
 FIGURES = {
-    "bytes_read": "read",
+    "io_read_bytes": "read (rchar)",
+    "bytes_read": "disk read",
     "bytes_shipped": "shipped",
     "bytes_stored": "stored",
     "bytes_allocated": "allocated",
@@ -37,7 +38,7 @@ def human_bytes(value: float) -> str:
 
 def _range(summary: dict[str, Any], fmt: str) -> str:
     med, low, high = (format(summary[k], fmt) for k in ("median", "min", "max"))
-    return med if summary["n"] == 1 or low == high else f"{med} ({low}–{high})"
+    return med if summary["n"] == 1 or low == high else f"{med} ({low}-{high})"
 
 
 def _bytes(summary: dict[str, Any]) -> str:
@@ -69,10 +70,17 @@ def row_markdown(row: dict[str, Any]) -> str:
         return "\n".join([*lines, f"*{row['status']}*", ""])
     contenders = row["contenders"]
     present = {k for c in contenders for k in c.get("summary", {})}
-    columns = [name for name in FIGURES if name in present]
+    wanted = row.get("columns") or list(FIGURES)
+    columns = [name for name in FIGURES if name in present and name in wanted]
     has_rate = bool(row.get("data_bytes"))
-    head = ["contender", "time s", *(["MB/s"] if has_rate else []), "peak RSS",
-            *(FIGURES[c] for c in columns), row.get("ratio_title", "time ours/this")]  # fmt: skip
+    head = [
+        "contender",
+        "time s",
+        *(["MB/s"] if has_rate else []),
+        "peak RSS",
+        *(FIGURES[c] for c in columns),
+        row.get("ratio_title", "time ours/this"),
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += [_contender_line(c, columns, has_rate) for c in contenders]
     return "\n".join([*lines, ""])
@@ -89,11 +97,17 @@ def _ceilings_markdown(ceilings: dict[str, Any]) -> str:
         "|---|---|",
     ]
     lines += [f"| {name} | {rate:.0f} |" for name, rate in ceilings["hash_mb_per_s"].items()]
-    lines += ["", "| zstd | data | compress MB/s | decompress MB/s | ratio |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| zstd | data | compress MB/s | decompress MB/s | ratio |",
+        "|---|---|---|---|---|",
+    ]
     for data in ("text", "random"):
         for level, fig in ceilings[f"zstd_{data}"].items():
-            lines.append(f"| {level} | {data} | {fig['compress_mb_per_s']:.0f} | "
-                         f"{fig['decompress_mb_per_s']:.0f} | {fig['ratio']:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {level} | {data} | {fig['compress_mb_per_s']:.0f} | "
+                f"{fig['decompress_mb_per_s']:.0f} | {fig['ratio']:.2f} |"
+            )
     return "\n".join([*lines, ""])
 
 
@@ -107,7 +121,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"- machine: {summary_line(results['machine'])}",
         f"- workload: {human_bytes(work['size'])} raw disk, seed {work['seed']}, "
         f"{human_bytes(work['allocated_bytes'])} allocated, change "
-        f"{work['change_writes']} × {human_bytes(work['write_size'])} = "
+        f"{work['change_writes']} x {human_bytes(work['write_size'])} = "
         f"{human_bytes(work['change_bytes'])}; sha256 {work['sha256'][:16]}…",
         f"- {settings['warmup']} warm-up + {settings['runs']} timed runs per contender, "
         "interleaved; time ratio = median of per-run ours/anchor (below 1: ours faster)",
@@ -125,8 +139,9 @@ def update_doc(doc: Path, table: str) -> None:
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     block = f"{START}\n{table.rstrip()}\n{END}"
     if START in text and END in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _m: block, text,
-                      flags=re.S)  # fmt: skip
+        text = re.sub(
+            re.escape(START) + r".*?" + re.escape(END), lambda _m: block, text, flags=re.S
+        )
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text)

@@ -32,8 +32,9 @@ def summarize(values: Sequence[float]) -> Summary:
     """Median, min and max of ``values``; raises ValueError when there are none."""
     if not values:
         raise ValueError("cannot summarize zero runs")
-    return Summary(float(statistics.median(values)), float(min(values)), float(max(values)),
-                   len(values))  # fmt: skip
+    return Summary(
+        float(statistics.median(values)), float(min(values)), float(max(values)), len(values)
+    )
 
 
 def pairwise_ratios(ours: Sequence[float], anchor: Sequence[float]) -> list[float]:

@@ -71,9 +71,10 @@ class WorkloadSpec:
                 f"sizes must be positive multiples of the region ({self.region} bytes) and "
                 f"size ({self.size}) >= base_size ({base})"
             )
-        if self.hole_pct + self.text_pct + self.random_pct != 100 or min(
-            self.hole_pct, self.text_pct, self.random_pct
-        ) < 0:
+        if (
+            self.hole_pct + self.text_pct + self.random_pct != 100
+            or min(self.hole_pct, self.text_pct, self.random_pct) < 0
+        ):
             raise ValueError("hole_pct + text_pct + random_pct must be 100, each >= 0")
         if not 0 < self.change_fraction <= 1:
             raise ValueError("change_fraction must be in (0, 1]")
@@ -99,10 +100,16 @@ class WorkloadSpec:
     def scaled(self, size: int) -> WorkloadSpec:
         """The sparse variant of this workload on a disk of ``size`` bytes."""
         return WorkloadSpec(
-            size=size, seed=self.seed, base_size=self.base, region=self.region,
-            hole_pct=self.hole_pct, text_pct=self.text_pct, random_pct=self.random_pct,
-            change_fraction=self.change_fraction, write_size=self.write_size,
-        )  # fmt: skip
+            size=size,
+            seed=self.seed,
+            base_size=self.base,
+            region=self.region,
+            hole_pct=self.hole_pct,
+            text_pct=self.text_pct,
+            random_pct=self.random_pct,
+            change_fraction=self.change_fraction,
+            write_size=self.write_size,
+        )
 
 
 def region_kinds(spec: WorkloadSpec) -> list[Kind]:
@@ -150,13 +157,20 @@ def _log_line(rng: random.Random, clock: float) -> str:
     stamp += f"{secs % 60:02d}.{int(clock * 1e6) % 1_000_000:06d}"
     message = rng.choice(_MESSAGES).format(
         ip=f"10.{rng.randrange(4)}.{rng.randrange(256)}.{rng.randrange(256)}",
-        method=rng.choice(_METHODS), path=rng.choice(_PATHS), n=rng.randrange(100_000),
-        status=rng.choice(_STATUS), size=rng.randrange(40, 90_000), ms=rng.randrange(1, 900),
-        port=rng.randrange(1024, 65536), user=rng.randrange(500), pct=rng.randrange(100),
+        method=rng.choice(_METHODS),
+        path=rng.choice(_PATHS),
+        n=rng.randrange(100_000),
+        status=rng.choice(_STATUS),
+        size=rng.randrange(40, 90_000),
+        ms=rng.randrange(1, 900),
+        port=rng.randrange(1024, 65536),
+        user=rng.randrange(500),
+        pct=rng.randrange(100),
         hexid=f"{rng.getrandbits(48):012x}",
-    )  # fmt: skip
+    )
     host = rng.randrange(16)
-    return f"2026-01-{stamp}Z host-{host:02d} {rng.choice(_SERVICES)}: {rng.choice(_LEVELS)} {message}\n"
+    service, level = rng.choice(_SERVICES), rng.choice(_LEVELS)
+    return f"2026-01-{stamp}Z host-{host:02d} {service}: {level} {message}\n"
 
 
 def region_data(spec: WorkloadSpec, index: int, kind: Kind) -> bytes:
