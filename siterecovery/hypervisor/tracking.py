@@ -330,6 +330,12 @@ class ChangeTracker:
         return self.run_dir / f"fleece-{_short(node)}.qcow2"
 
 
+def discover_disks(qmp_path: Path) -> list[TrackedDisk]:
+    """The writable disks of the QEMU behind ``qmp_path`` (connect, ask, disconnect)."""
+    with QmpSession.connect(qmp_path) as qmp:
+        return _discover(qmp)
+
+
 def _discover(qmp: QmpSession) -> list[TrackedDisk]:
     """Writable disks from ``query-block``, named by device (``-drive``) or node (``-blockdev``)."""
     disks = []

@@ -20,11 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from siterecovery.domain import ReplicationState
 from siterecovery.errors import InputError
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec
 from siterecovery.recovery.errors import FailoverError
+from siterecovery.replication.jobrun import JobListener, JobRun
 from siterecovery.store.manifest import PointManifest
 from siterecovery.store.repository import ReplicaStore
+from siterecovery.vault import jobs, points, service
+from siterecovery.vault.db import Database
+from siterecovery.vault.records import JobRecord
+
+S = ReplicationState
 
 DiskProgress = Callable[[str, int, int], None]
 """progress(disk, bytes_done, bytes_total)"""
@@ -117,3 +124,97 @@ def _bind(progress: DiskProgress | None, disk: str) -> Callable[[int, int], None
         bound(disk, done, total)
 
     return callback
+
+
+FAILOVER_TASKS = (
+    "check prerequisites",
+    "select recovery point",
+    "materialize disks",
+    "start replica VM",
+)
+
+
+@dataclass
+class FailoverOutcome:
+    """What a failover made: the job, the point used, the running replica and its timings."""
+
+    job: JobRecord
+    point: PointManifest
+    process: QemuProcess
+    disks: MaterializedDisks
+    seconds_to_start: float
+
+
+class FailoverService:
+    """Fails protected VMs over to this recovery host (DESIGN §5), as vault jobs."""
+
+    def __init__(
+        self,
+        db: Database,
+        store: ReplicaStore,
+        recovery_dir: Path,
+        *,
+        accel: str = "tcg",
+        on_job: JobListener | None = None,
+        progress: DiskProgress | None = None,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.recovery_dir = recovery_dir
+        self.accel = accel
+        self.on_job = on_job
+        self.progress = progress
+
+    def unplanned(
+        self, vm: str, *, point_id: str | None = None, append: str | None = None
+    ) -> FailoverOutcome:
+        """Fail ``vm`` over to ``point_id`` (default: the newest point) with the primary lost.
+
+        The VM goes *failing over* → *failed over*; if a step fails it returns to *protected*
+        (or the state it had), the replica's leftovers are removed, and the error propagates.
+        """
+        started = time.monotonic()
+        before = service.get_protection(self.db, vm=vm).state
+        job = jobs.create_job(
+            self.db, kind="unplanned failover", vm=vm, tasks=FAILOVER_TASKS,
+            details={"point": point_id or "latest"},
+        )  # fmt: skip
+        run = JobRun(self.db, job.id, on_change=self.on_job)
+        with run.task("check prerequisites") as task:
+            service.transition(self.db, vm=vm, to_state=S.FAILING_OVER, reason="unplanned failover")
+            task.progress(100, {"state_before": str(before)})
+        try:
+            return self._recover(vm, run, point_id, append, started)
+        except BaseException:
+            service.transition(
+                self.db, vm=vm, to_state=S.PROTECTED, reason="failover failed; source untouched"
+            )
+            raise
+
+    def _recover(
+        self, vm: str, run: JobRun, point_id: str | None, append: str | None, started: float
+    ) -> FailoverOutcome:
+        with run.task("select recovery point") as task:
+            point = self._select(vm, point_id)
+            task.progress(100, {"point": point.point_id, "consistency": str(point.consistency)})
+        workdir = self.recovery_dir / vm
+        with run.task("materialize disks") as task:
+            disks = materialize(self.store, point, workdir / point.point_id, progress=self.progress)
+            task.progress(100, {"seconds": round(disks.seconds, 3)})
+        with run.task("start replica VM") as task:
+            spec = replica_spec(point, disks, workdir, append=append, accel=self.accel)
+            process = boot_replica(spec)
+            task.progress(100, {"pid": process.pid, "qmp": str(process.qmp_path)})
+        seconds = time.monotonic() - started
+        service.transition(
+            self.db, vm=vm, to_state=S.FAILED_OVER, reason=f"running from point {point.point_id}"
+        )
+        return FailoverOutcome(run.finish(), point, process, disks, seconds)
+
+    def _select(self, vm: str, point_id: str | None) -> PointManifest:
+        if point_id is None:
+            latest = points.latest_point(self.db, vm=vm)
+            if latest is None:
+                raise FailoverError(f"VM {vm} has no recovery point to fail over to")
+            point_id = latest.point_id
+        return self.store.load_point(vm, point_id)

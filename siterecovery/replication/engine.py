@@ -43,6 +43,7 @@ class DiskCycleStats:
     disk: str
     bytes_read: int
     extents: int
+    bytes_shipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,18 @@ class CycleResult:
     def bytes_read(self) -> int:
         return sum(d.bytes_read for d in self.disks)
 
+    @property
+    def bytes_shipped(self) -> int:
+        """Bytes written to the replica store (compressed, deduplicated)."""
+        return sum(d.bytes_shipped for d in self.disks)
+
     def figures(self) -> dict[str, Any]:
         """Per-cycle figures as recorded in the vault's job and recovery point records."""
         return {
             "initial": self.initial,
             "duration_s": round(self.duration_s, 3),
             "bytes_read": self.bytes_read,
+            "bytes_shipped": self.bytes_shipped,
             "extents": sum(d.extents for d in self.disks),
             "captured_at": self.captured_at.isoformat(),
         }
@@ -140,7 +147,7 @@ class Replicator:
         done = self._pump(nbd, ranges, disk.disk, writer.write, writer.abort)
         base = writer.commit()
         chain = DiskChain(size=disk.size, base=base, segments=())
-        return chain, DiskCycleStats(disk.disk, done, len(ranges))
+        return chain, DiskCycleStats(disk.disk, done, len(ranges), writer.stats.bytes_stored)
 
     def _copy_delta(
         self, nbd: NbdClient, disk: DiskView, previous: DiskChain
@@ -150,9 +157,8 @@ class Replicator:
         writer = self.store.begin_segment(self.vm, disk.disk, disk.size)
         done = self._pump(nbd, ranges, disk.disk, writer.add, writer.abort)
         segment = writer.commit()
-        segments = previous.segments + ((segment,) if segment is not None else ())
-        chain = DiskChain(size=previous.size, base=previous.base, segments=segments)
-        return chain, DiskCycleStats(disk.disk, done, len(ranges))
+        shipped = segment.size if segment is not None else 0
+        return previous.extend(segment), DiskCycleStats(disk.disk, done, len(ranges), shipped)
 
     def _pump(
         self,
