@@ -437,11 +437,13 @@ def transition(
             hint="use protect or unprotect",
         )
     with db.transaction() as session:
-        vm_row = rows.vm(session, vm, for_update=True)
-        current = vm_row.replicated.state if vm_row.replicated else ReplicationState.UNPROTECTED
+        row = rows.vm(session, vm, for_update=True).replicated
+        current = row.state if row else ReplicationState.UNPROTECTED
         _require_transition(vm, current, target, f"move it to '{target}'")
-        assert vm_row.replicated is not None  # unprotected has no transition but protect
-        row = vm_row.replicated
+        if row is None:  # unreachable: unprotected only leads to protect()
+            raise InvalidTransition(
+                vm=vm, current=current, operation="transition it", required=set()
+            )
         now = db.now()
         _enter_state(row, target, reason, now)
         refresh_health(session, row, now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -10,10 +11,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from siterecovery.domain import JobState
 from siterecovery.errors import InputError, VaultError
 from siterecovery.vault import service
 from siterecovery.vault.db import Database, head_revision, open_database
-from siterecovery.vault.errors import DatabaseUnavailable, SchemaTooNew
+from siterecovery.vault.errors import Conflict, DatabaseUnavailable, SchemaTooNew
 from siterecovery.vault.models import Base, Site, SiteRole
 
 from .conftest import FakeClock
@@ -133,3 +135,54 @@ def test_a_naive_clock_is_refused(database_url: str) -> None:
 def _sites(db: Database) -> list[Site]:
     with db.transaction(write=False) as session:
         return list(session.query(Site).order_by(Site.name))
+
+
+def test_two_vaults_on_one_database_write_at_the_same_time(
+    database_url: str, clock: FakeClock
+) -> None:
+    vaults = [open_database(database_url, clock=clock) for _ in range(2)]
+    try:
+        service.ensure_site(vaults[0], name="dc1", role="primary")
+        service.ensure_host(vaults[0], name="kvm1", site="dc1")
+        service.upsert_vm(vaults[0], host="kvm1", name="web1", config={}, disks=[])
+
+        def work(db: Database, n: int) -> None:
+            for i in range(15):
+                job = service.create_job(db, kind=f"kind {n}", vm="web1", tasks=["a", "b"])
+                service.start_task(db, job=job.id, name="a")
+                service.update_task(db, job=job.id, name="a", progress=i)
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = [pool.submit(work, vaults[n % 2], n) for n in range(4)]
+            for future in futures:
+                future.result()
+        jobs = service.list_jobs(vaults[1], limit=1000)
+        assert len(jobs) == 60
+        assert {j.state for j in jobs} == {JobState.RUNNING}
+    finally:
+        for db in vaults:
+            db.close()
+
+
+def test_reads_are_not_blocked_by_a_writer(database_url: str) -> None:
+    writer, reader = open_database(database_url), open_database(database_url)
+    try:
+        with writer.transaction() as session:
+            session.add(Site(name="dc1", role=SiteRole.PRIMARY, created_at=writer.now()))
+            session.flush()
+            assert service.list_policies(reader) == []
+            assert _sites(reader) == []
+        assert [s.name for s in _sites(reader)] == ["dc1"]
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_constraint_violations_become_conflicts(db: Database) -> None:
+    service.ensure_site(db, name="dc1", role="primary")
+    with (
+        pytest.raises(Conflict, match="conflicts with existing vault data"),
+        db.transaction() as session,
+    ):
+        session.add(Site(name="dc1", role=SiteRole.RECOVERY, created_at=db.now()))
+    assert [(s.name, s.role) for s in _sites(db)] == [("dc1", SiteRole.PRIMARY)]
