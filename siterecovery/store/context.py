@@ -7,7 +7,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -34,6 +34,9 @@ class StoreContext:
     block_size: int
     workers: int = 4
     max_in_flight: int = 8
+    #: Keys of objects this process wrote or checked, so publishing a point only stats the
+    #: references it has not seen (chains grow by one segment per cycle).
+    known: set[str] = field(default_factory=set)
 
     def pool(self, name: str) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(self.workers, thread_name_prefix=f"store-{name}")

@@ -72,7 +72,6 @@ class ReplicaStore:
         codec = Codec(keys.hash_key, data_key, encrypt=config.encrypted)
         n = workers or _default_workers()
         self._ctx = StoreContext(backend, codec, config.block_size, n, max_in_flight or 2 * n)
-        self._known: set[str] = set()  # object keys known to exist (written or checked)
 
     @property
     def url(self) -> str:
@@ -170,7 +169,7 @@ class ReplicaStore:
             consistency=consistency,
             vm_config=vm_config,
             created_at=created_at,
-            known=self._known,
+            known=self._ctx.known,
         )
 
     # -- reading --------------------------------------------------------------------

@@ -173,13 +173,13 @@ def parse_prefix(data: bytes, name: str, object_size: int | None = None) -> int:
     """Check a segment prefix and return ``header_len``."""
     if len(data) < PREFIX_LEN:
         raise IntegrityError(f"object {name} is corrupt: truncated segment prefix")
-    magic, version, _reserved, header_len = _PREFIX.unpack_from(data)
-    if magic != SEGMENT_MAGIC:
-        raise IntegrityError(f"object {name} is corrupt: bad segment magic {magic!r}")
+    magic, version, reserved, header_len = _PREFIX.unpack_from(data)
+    if magic != SEGMENT_MAGIC or reserved != 0:
+        raise IntegrityError(f"object {name} is corrupt: bad segment prefix {data[:8]!r}")
     if version != SEGMENT_VERSION:
         raise FormatError(
-            f"segment {name} has format version {version}; this siterecovery reads "
-            f"version {SEGMENT_VERSION}"
+            f"segment {name} has unknown format version {version} (written by a newer "
+            f"siterecovery, or corrupt); this siterecovery reads version {SEGMENT_VERSION}"
         )
     if object_size is not None and PREFIX_LEN + header_len > object_size:
         raise IntegrityError(f"object {name} is corrupt: segment header beyond the object end")

@@ -188,6 +188,7 @@ class BaseWriter:
             index = BaseIndex(self.size, self._ctx.block_size, self._chunks, self._sums)
             blob = self._ctx.codec.seal(self.key, index.encode())
             self._ctx.backend.put(self.key, blob, create_only=True)
+            self._ctx.known.add(self.key)
         except BaseException:
             self.abort()
             raise
@@ -318,6 +319,7 @@ class SegmentWriter:
         header_blob = self._ctx.codec.seal(f"{self.key}#header", header.encode())
         obj = b"".join([encode_prefix(len(header_blob)), header_blob, *blobs])
         self._ctx.backend.put(self.key, obj, create_only=True)
+        self._ctx.known.add(self.key)
         return SegmentRef(
             self.key, self._ctx.codec.digest(obj), len(obj), len(self._extents), header.data_bytes
         )
