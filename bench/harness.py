@@ -3,8 +3,10 @@
 Every timed run is one child process (ours included), measured the same way:
 
 - ``seconds``: wall time from spawn to reap (``time.perf_counter``);
-- ``max_rss_bytes``: the child's peak resident memory, from ``os.wait4`` (the kernel reports
-  the largest of the child and the descendants it reaped);
+- ``max_rss_bytes``: the command's peak resident memory as GNU time (``%M``) reports it — the
+  largest of the process and the descendants it reaped. The command is started by
+  ``/usr/bin/time``, not by this process directly: a child spawned from a big parent reports
+  the parent's resident size as its own peak (the kernel keeps the pre-exec high-water mark);
 - ``io_read_bytes`` / ``io_written_bytes``: ``rchar`` / ``wchar`` of the child and its
   descendants — bytes passed through read/write syscalls (files, pipes, sockets, page cache
   hits included). The kernel adds a reaped child's counters to its parent's, so they are the
@@ -21,12 +23,9 @@ round ``k`` runs every contender once, ours first — the A B A B interleaving t
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 
 from bench.stats import ratio_summary, summarize, throughput
 
+TIME = "/usr/bin/time"
 Figures = dict[str, float]
 Log = Callable[[str], None]
 
@@ -84,36 +84,37 @@ def measure(
     worker prints its figures there); stderr is quoted in the error when the run fails.
     """
     full_env = {**os.environ, **(env or {})}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        before = _proc_io()
-        start = time.perf_counter()
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=full_env, cwd=cwd)
-        killer = threading.Timer(timeout, lambda: _kill(proc.pid))
-        killer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        seconds = time.perf_counter() - start
-        after = _proc_io()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    if proc.returncode != 0:
-        raise BenchError(f"{argv[0]} exited with {proc.returncode}: {stderr.strip()[-2000:]}")
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        out, err, rss = (Path(tmp) / name for name in ("out", "err", "rss"))
+        with out.open("wb") as out_file, err.open("wb") as err_file:
+            before = _proc_io()
+            start = time.perf_counter()
+            proc = subprocess.Popen(
+                [TIME, "-f", "%M", "-o", str(rss), *argv],
+                stdout=out_file,
+                stderr=err_file,
+                env=full_env,
+                cwd=cwd,
+            )
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise BenchError(f"{argv[0]} did not finish within {timeout:g} s") from None
+            seconds = time.perf_counter() - start
+            after = _proc_io()
+        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        rss_lines = rss.read_text().split()
+    if code != 0:
+        raise BenchError(f"{argv[0]} exited with {code}: {stderr.strip()[-2000:]}")
     return Measured(
         seconds=seconds,
-        max_rss_bytes=usage.ru_maxrss * 1024,
+        max_rss_bytes=int(rss_lines[-1]) * 1024,
         io_read_bytes=after["rchar"] - before["rchar"],
         io_written_bytes=after["wchar"] - before["wchar"],
         stdout=stdout,
     )
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 def _nothing() -> None:
