@@ -118,3 +118,21 @@ class VmConfig:
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[str, ...] = ()
     boot: dict[str, str] = field(default_factory=dict)
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, *, what: str = "duration", default_unit: str = "s") -> int:
+    """``"30s"``, ``"5m"``, ``"24h"``, ``"7d"`` (or a bare number in ``default_unit``) as seconds.
+
+    Raises :class:`InputError` naming ``what`` for anything else.
+    """
+    match = _DURATION_RE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise InputError(
+            f"invalid {what} {text!r}",
+            hint="write a whole number with a unit: 30s, 5m, 15m, 24h, 7d",
+        )
+    return int(match[1]) * _DURATION_UNITS[match[2] or default_unit]

@@ -9,11 +9,12 @@ directory::
       store.key         the store's key file (back it up: without it the store is unreadable)
       run/              agent runtime: NBD sockets, fleecing overlays
       recovery/         disks and processes of failed-over VMs
-      guest/            the demo guest's kernel and initramfs (cache)
+      siterecovery.json where `vault init` recorded a non-default vault or store URL
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import platformdirs
 
 ENV_WORKDIR = "SITERECOVERY_WORKDIR"
+CONFIG_NAME = "siterecovery.json"
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,27 @@ class Settings:
         return self.workdir / "recovery"
 
     @property
-    def guest_dir(self) -> Path:
-        return self.workdir / "guest"
+    def config_file(self) -> Path:
+        return self.workdir / CONFIG_NAME
+
+    def save(self) -> None:
+        """Record the vault and store URLs in the work directory (for later commands)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        doc = {"vault_url": self.vault_url, "store_url": self.store_url}
+        tmp = self.config_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(self.config_file)
+
+    @classmethod
+    def load(cls, workdir: Path | None = None) -> Settings:
+        """The embedded settings of ``workdir``, with the URLs `vault init` recorded there."""
+        settings = cls.embedded(workdir)
+        if settings.config_file.exists():
+            doc = json.loads(settings.config_file.read_text())
+            settings = cls.embedded(
+                settings.workdir, vault_url=doc.get("vault_url"), store_url=doc.get("store_url")
+            )
+        return settings
 
     @classmethod
     def embedded(

@@ -292,6 +292,13 @@ class ManagedProcess:
             raise ProcessError(f"{self.label} (pid {self.pid}) did not exit after SIGKILL")
         self._forget()
 
+    def detach(self) -> None:
+        """Let the process outlive this Python process (a failed-over VM keeps running).
+
+        It is no longer killed at exit; stop it later through its QMP socket or pidfile.
+        """
+        self._forget()
+
     def _forget(self) -> None:
         with self._live_lock:
             self._live.discard(self)
@@ -341,6 +348,7 @@ def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 close_fds=True,
+                start_new_session=True,  # a Ctrl-C aimed at the CLI must not kill the VM
             )
         except OSError as exc:
             raise ProcessError(

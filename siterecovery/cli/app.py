@@ -1,0 +1,437 @@
+"""The ``siterecovery`` command.
+
+Thin by design: each command parses its flags, calls a service, and prints a table or, with
+``--json``, one JSON document. Errors are mapped to exit codes in one place (:func:`main`):
+every :class:`SiteRecoveryError` prints its message and hint and exits with its ``exit_code``
+(2 bad input, 3 not found, 4 store, 5 hypervisor, 6 vault, 7 replication/recovery).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from siterecovery import __version__
+from siterecovery.cli import output
+from siterecovery.cli.context import Env
+from siterecovery.domain import parse_duration
+from siterecovery.errors import InputError, SiteRecoveryError
+from siterecovery.settings import Settings
+
+app = typer.Typer(
+    name="siterecovery",
+    help="Open-source site recovery for virtual machines: protect, replicate, fail over.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+policy_app = typer.Typer(help="Replication policies.", no_args_is_help=True)
+vault_app = typer.Typer(help="The vault: create it.", no_args_is_help=True)
+vm_app = typer.Typer(help="VMs known to the vault.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+app.add_typer(vault_app, name="vault")
+app.add_typer(vm_app, name="vm")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
+WorkdirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--workdir", "-w", envvar="SITERECOVERY_WORKDIR",
+        help="Work directory of the embedded vault and store "
+        "(default: the user's data directory).",
+    ),
+]  # fmt: skip
+
+
+def _env(ctx: typer.Context) -> Env:
+    env = ctx.obj
+    if not isinstance(env, Env):
+        raise InputError("internal: no settings")
+    return env
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    workdir: WorkdirOption = None,
+    version: Annotated[bool, typer.Option("--version", help="Show the version.")] = False,
+) -> None:
+    if version:
+        print(f"siterecovery {__version__}")
+        raise typer.Exit()
+    env = Env(Settings.load(workdir))
+    ctx.obj = env
+    ctx.call_on_close(env.close)
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    keep: Annotated[bool, typer.Option(help="Keep the demo's work directory.")] = False,
+    cycles: Annotated[int, typer.Option(min=1, max=100, help="Delta cycles to run.")] = 4,
+    interval: Annotated[
+        str, typer.Option(help="Time between cycles (the demo's short stand-in for 30s).")
+    ] = "4s",
+    accel: Annotated[str | None, typer.Option(help="tcg or kvm (default: probe).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the guest's records (0: random).")] = 0,
+    json_out: JsonFlag = False,
+) -> None:
+    """Run the whole DR loop on a tiny real guest and verify the replica, byte for byte.
+
+    Starts a QEMU VM that writes records, protects it, replicates it, loses the primary,
+    fails over to the latest recovery point, boots the replica and checks its data.
+    Uses WORKDIR/demo (removed at the end unless --keep).
+    """
+    from rich.console import Console
+
+    from siterecovery.demo import DemoOptions, run_demo
+
+    if accel not in (None, "tcg", "kvm"):
+        raise InputError(f"unknown accelerator {accel!r}", hint="use tcg or kvm")
+    interval_s = parse_duration(interval, what="interval")
+    if not 1 <= interval_s <= 900:
+        raise InputError(f"interval {interval!r} is out of range", hint="use 1s to 15m")
+    options = DemoOptions(
+        workdir=_env(ctx).settings.workdir / "demo", keep=keep, cycles=cycles,
+        interval_s=float(interval_s), accel=accel, seed=seed,
+    )  # fmt: skip
+    console = Console(stderr=True, quiet=True) if json_out else output.out
+    summary = run_demo(options, console=console)
+    if json_out:
+        output.print_json(summary.to_json())
+    if not summary.verified:
+        raise typer.Exit(1)
+
+
+# -- vault and inventory ---------------------------------------------------------------------
+
+
+@vault_app.command("init")
+def vault_init(
+    ctx: typer.Context,
+    store: Annotated[
+        str | None, typer.Option(help="Replica store URL (default: file://WORKDIR/store).")
+    ] = None,
+    encrypt: Annotated[bool, typer.Option(help="Encrypt data at rest (AES-256-GCM).")] = False,
+) -> None:
+    """Create the embedded vault (SQLite), the replica store and its key file."""
+    from siterecovery.store.keys import StoreKeys
+    from siterecovery.store.repository import ReplicaStore
+    from siterecovery.vault.db import open_database
+
+    base = _env(ctx).settings
+    settings = Settings.embedded(base.workdir, store_url=store)
+    if settings.key_file.exists():
+        raise InputError(
+            f"a vault already exists in {settings.workdir}",
+            hint="use another --workdir, or remove that directory to start over",
+        )
+    settings.workdir.mkdir(parents=True, exist_ok=True)
+    keys = StoreKeys.generate()
+    ReplicaStore.init(settings.store_url, keys, encrypted=encrypt)
+    keys.save(settings.key_file)
+    open_database(settings.vault_url).close()
+    settings.save()
+    output.out.print(f"vault: {settings.vault_url}\nstore: {settings.store_url}")
+    output.out.print(
+        f"[bold]back up {settings.key_file}[/]: without it the replica store cannot be read"
+    )
+
+
+@vm_app.command("register")
+def vm_register(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="VM name in the vault.")],
+    qmp: Annotated[Path, typer.Option(help="The VM's QMP unix socket.")],
+    host: Annotated[str, typer.Option(help="Host name in the vault.")] = "localhost",
+    site: Annotated[str, typer.Option(help="Primary site name.")] = "primary",
+) -> None:
+    """Register a running QEMU VM (started with -qmp unix:PATH,server=on,wait=off)."""
+    from siterecovery.replication.protection import ProtectionService
+    from siterecovery.vault import service
+    from siterecovery.vault.models import SiteRole
+
+    env = _env(ctx)
+    service.ensure_site(env.db(), name=site, role=SiteRole.PRIMARY)
+    service.ensure_host(env.db(), name=host, site=site)
+    protection = ProtectionService(env.db(), env.store(), env.settings.run_dir)
+    record = protection.register_vm(host=host, name=name, qmp_path=qmp.resolve(), config={})
+    output.out.print(f"registered VM {record.name} with disks {[d.name for d in record.disks]}")
+
+
+@vm_app.command("list")
+def vm_list(ctx: typer.Context, json_out: JsonFlag = False) -> None:
+    """VMs registered in the vault, with their protection state."""
+    from siterecovery.vault import service
+
+    vms = service.list_vms(_env(ctx).db())
+    if json_out:
+        return output.print_json(vms)
+    rows = [(v.name, v.host, v.state, ", ".join(f"{d.name} {output.size(d.size)}"
+             for d in v.disks)) for v in vms]  # fmt: skip
+    output.out.print(output.table("VMs", ["VM", "host", "state", "disks"], rows))
+
+
+# -- policies --------------------------------------------------------------------------------
+
+
+@policy_app.command("create")
+def policy_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Policy name.")],
+    frequency: Annotated[str, typer.Option(help="Copy frequency: 30s, 5m or 15m.")] = "30s",
+    retention: Annotated[str, typer.Option(help="Recovery point retention, e.g. 24h.")] = "24h",
+    app_consistent: Annotated[
+        str, typer.Option(help="App-consistent snapshot frequency, e.g. 4h (0: off).")
+    ] = "0",
+    resync_window: Annotated[str, typer.Option(help="Off-hours resync window.")] = "18:30-06:00",
+    encryption: Annotated[bool, typer.Option(help="Encrypt replicated data.")] = False,
+) -> None:
+    """Create a replication policy."""
+    from siterecovery.vault import service
+
+    retention_s = parse_duration(retention, what="retention", default_unit="h")
+    app_s = parse_duration(app_consistent, what="app-consistent frequency", default_unit="h")
+    for what, seconds in (("retention", retention_s), ("app-consistent frequency", app_s)):
+        if seconds % 3600:
+            raise InputError(f"{what} must be whole hours", hint="e.g. 24h")
+    record = service.create_policy(
+        _env(ctx).db(), name=name,
+        copy_frequency_s=parse_duration(frequency, what="copy frequency"),
+        retention_h=retention_s // 3600, app_consistent_h=app_s // 3600,
+        resync_window=resync_window, encryption=encryption,
+    )  # fmt: skip
+    output.out.print(f"policy {record.name} created")
+
+
+@policy_app.command("list")
+def policy_list(ctx: typer.Context, json_out: JsonFlag = False) -> None:
+    """Replication policies."""
+    from siterecovery.vault import service
+
+    policies = service.list_policies(_env(ctx).db())
+    if json_out:
+        return output.print_json(policies)
+    rows = [(p.name, f"{p.copy_frequency_s}s", f"{p.retention_h}h",
+             f"{p.app_consistent_h}h" if p.app_consistent_h else "off", p.resync_window,
+             "yes" if p.encryption else "no") for p in policies]  # fmt: skip
+    columns = ["policy", "frequency", "retention", "app-consistent", "resync window", "encrypted"]
+    output.out.print(output.table("policies", columns, rows))
+
+
+# -- protection and replication --------------------------------------------------------------
+
+
+@app.command()
+def protect(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="A registered VM.")],
+    policy: Annotated[str, typer.Option(help="Replication policy.")],
+) -> None:
+    """Enable protection: the enable protection job, with the initial replication."""
+    from siterecovery.replication.protection import ProtectionService
+
+    env = _env(ctx)
+    service_ = ProtectionService(env.db(), env.store(), env.settings.run_dir)
+    job, result = service_.enable_protection(vm, policy)
+    _print_job(job)
+    output.out.print(
+        f"initial replication: {output.size(result.bytes_read)} read, "
+        f"{output.size(result.bytes_shipped)} stored in {result.duration_s:.2f} s; "
+        f"recovery point {result.point.point_id}"
+    )
+
+
+@app.command()
+def replicate(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="A protected VM.")],
+    count: Annotated[int, typer.Option(min=1, help="Cycles to run.")] = 1,
+    every: Annotated[str, typer.Option(help="Pause between cycles.")] = "30s",
+    json_out: JsonFlag = False,
+) -> None:
+    """Run delta replication cycles now (the agent runs them on the policy's schedule)."""
+    import time
+
+    from siterecovery.replication.protection import ProtectionService
+
+    env = _env(ctx)
+    pause = parse_duration(every, what="pause")
+    service_ = ProtectionService(env.db(), env.store(), env.settings.run_dir)
+    figures = []
+    for n in range(count):
+        if n:
+            time.sleep(pause)
+        result = service_.replicate(vm)
+        figures.append({"point": result.point.point_id, **result.figures()})
+        if not json_out:
+            output.out.print(
+                f"point {result.point.point_id}: {output.size(result.bytes_read)} read, "
+                f"{output.size(result.bytes_shipped)} shipped in {result.duration_s:.2f} s"
+            )
+    if json_out:
+        output.print_json(figures)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    vm: Annotated[str | None, typer.Argument(help="One VM (default: all).")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Replicated VMs with state, health, RPO and last cycle."""
+    from siterecovery.vault import points, service
+
+    db = _env(ctx).db()
+    records = [service.get_protection(db, vm=vm)] if vm else service.list_protected(db)
+    rpos = {r.vm: points.rpo_seconds(db, vm=r.vm) for r in records}
+    if json_out:
+        return output.print_json([{**output.to_jsonable(r), "rpo_s": rpos[r.vm]}
+                                  for r in records])  # fmt: skip
+    rows = [(r.vm, r.policy, r.state, f"{r.health}: {r.health_reason}",
+             "" if rpos[r.vm] is None else f"{rpos[r.vm]:.0f}s", output.when(r.last_cycle_at),
+             r.last_error or "") for r in records]  # fmt: skip
+    columns = ["VM", "policy", "state", "health", "RPO", "last cycle", "last error"]
+    output.out.print(output.table("replicated VMs", columns, rows))
+
+
+@app.command("points")
+def points_cmd(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="A protected VM.")],
+    json_out: JsonFlag = False,
+) -> None:
+    """Recovery points of a VM, oldest first."""
+    from siterecovery.vault import points
+
+    records = points.list_points(_env(ctx).db(), vm=vm)
+    if json_out:
+        return output.print_json(records)
+    rows = [(p.point_id, output.when(p.created_at), p.consistency, output.size(p.bytes_shipped))
+            for p in records]  # fmt: skip
+    output.out.print(output.table(f"recovery points of {vm}",
+                                  ["point", "created (UTC)", "consistency", "shipped"], rows))
+
+
+@app.command()
+def jobs(
+    ctx: typer.Context,
+    vm: Annotated[str | None, typer.Option(help="Only this VM's jobs.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    json_out: JsonFlag = False,
+) -> None:
+    """Jobs, newest first."""
+    from siterecovery.vault import jobs as jobs_
+
+    records = jobs_.list_jobs(_env(ctx).db(), vm=vm, limit=limit)
+    if json_out:
+        return output.print_json(records)
+    rows = [(j.id[:8], j.kind, j.vm, j.state, f"{j.progress}%", output.when(j.created_at),
+             j.error or "") for j in records]  # fmt: skip
+    output.out.print(output.table("jobs", ["job", "kind", "VM", "state", "progress", "created",
+                                           "error"], rows))  # fmt: skip
+
+
+@app.command("job")
+def job_show(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="Job id (a unique prefix works).")],
+    json_out: JsonFlag = False,
+) -> None:
+    """One job with its tasks."""
+    from siterecovery.vault import jobs as jobs_
+
+    db = _env(ctx).db()
+    matches = [j for j in jobs_.list_jobs(db, limit=1000) if j.id.startswith(job_id)]
+    if len(matches) != 1:
+        raise InputError(
+            f"{len(matches)} jobs match {job_id!r}", hint="give more characters of the job id"
+        )
+    if json_out:
+        return output.print_json(matches[0])
+    _print_job(matches[0])
+
+
+# -- recovery --------------------------------------------------------------------------------
+
+
+@app.command()
+def failover(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="A protected VM.")],
+    unplanned: Annotated[bool, typer.Option(help="The primary is unreachable.")] = False,
+    point: Annotated[str, typer.Option(help="Recovery point id, or latest.")] = "latest",
+    accel: Annotated[str, typer.Option(help="tcg or kvm.")] = "tcg",
+) -> None:
+    """Fail a VM over to the recovery site and start it there (it keeps running)."""
+    from siterecovery.recovery.failover import FailoverService
+
+    if not unplanned:
+        raise InputError(
+            "only --unplanned failover exists so far", hint="pass --unplanned"
+        )
+    env = _env(ctx)
+    service_ = FailoverService(env.db(), env.store(), env.settings.recovery_dir, accel=accel)
+    outcome = service_.unplanned(vm, point_id=None if point == "latest" else point)
+    outcome.process.detach()
+    _print_job(outcome.job)
+    output.out.print(
+        f"replica VM running (pid {outcome.process.pid}) from point {outcome.point.point_id}; "
+        f"QMP {outcome.process.qmp_path}, console {outcome.process.serial_path}"
+    )
+
+
+@app.command()
+def restore(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="A protected VM.")],
+    to: Annotated[Path, typer.Option(help="Directory for the disk images.")],
+    point: Annotated[str, typer.Option(help="Recovery point id, or latest.")] = "latest",
+    fmt: Annotated[str, typer.Option("--format", help="raw or qcow2.")] = "qcow2",
+) -> None:
+    """Export a recovery point's disks as images, every byte verified."""
+    from siterecovery.recovery.failover import materialize
+    from siterecovery.vault import points
+
+    env = _env(ctx)
+    point_id = point
+    if point == "latest":
+        latest = points.latest_point(env.db(), vm=vm)
+        if latest is None:
+            raise InputError(f"VM {vm} has no recovery point")
+        point_id = latest.point_id
+    manifest = env.store().load_point(vm, point_id)
+    disks = materialize(env.store(), manifest, to, fmt=fmt)
+    for name, path in disks.paths.items():
+        output.out.print(f"{name}: {path}")
+
+
+def _print_job(job: object) -> None:
+    from siterecovery.vault.records import JobRecord
+
+    assert isinstance(job, JobRecord)
+    rows = []
+    for t in job.tasks:
+        took = ""
+        if t.started_at and t.ended_at:
+            took = f"{(t.ended_at - t.started_at).total_seconds():.2f} s"
+        rows.append((t.name, t.state, took, t.error or ""))
+    title = f"job {job.id[:8]} {job.kind} [{job.state}]"
+    output.out.print(output.table(title, ["task", "state", "duration", "error"], rows))
+
+
+def main() -> None:
+    """Entry point: run the app and map siterecovery errors to messages and exit codes."""
+    try:
+        app()
+    except SiteRecoveryError as exc:
+        output.err.print(f"[red]error:[/] {exc.message}", highlight=False)
+        if exc.hint:
+            output.err.print(f"  hint: {exc.hint}", highlight=False)
+        sys.exit(exc.exit_code)
