@@ -128,6 +128,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"- siterecovery commit {results.get('commit', 'unknown')}",
         "",
     ]
+    if results["variant"] == "quick":
+        lines += [
+            "*Quick variant: a small disk for a fast check of the harness and rough ratios; "
+            "start-up costs weigh more here than on the full variant (`make bench`).*",
+            "",
+        ]
     lines += [row_markdown(row) for row in results["rows"]]
     if results.get("ceilings"):
         lines.append(_ceilings_markdown(results["ceilings"]))

@@ -160,11 +160,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", action="store_true", help="keep stores and copies afterwards")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="only re-render a results file into --doc"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        table = report.markdown(results)
+        args.render.with_suffix(".md").write_text(table)
+        report.update_doc(args.doc, table)
+        return 0
     variant = "quick" if args.quick else "full"
     started = time.monotonic()
     results = run(variant, args)
