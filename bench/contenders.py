@@ -16,6 +16,7 @@ Figures collected after a run (all in bytes):
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -75,8 +76,6 @@ def copy_tree(template: Path, dest: Path) -> None:
 
 def run_quiet(argv: list[str], env: dict[str, str] | None = None) -> str:
     """Run an untimed setup command; raise :class:`BenchError` with its stderr on failure."""
-    import os
-
     result = subprocess.run(
         argv, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})}
     )

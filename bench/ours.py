@@ -2,9 +2,9 @@
 
 Usage (the harness builds these command lines; each prints one JSON object on stdout)::
 
-    python -m bench.ours init    --store URL --keys FILE [--block-size N]
-    python -m bench.ours cycle   --store URL --keys FILE --qmp SOCK --run-dir DIR [--delta]
-    python -m bench.ours restore --store URL --keys FILE --dest FILE
+    python -P bench/ours.py init    --store URL --keys FILE [--block-size N]
+    python -P bench/ours.py cycle   --store URL --keys FILE --qmp SOCK --run-dir DIR [--delta]
+    python -P bench/ours.py restore --store URL --keys FILE --dest FILE
 
 - ``init`` creates an empty, unencrypted store (keys generated into ``--keys`` if absent);
 - ``cycle`` runs one replication cycle of the disk served at ``--qmp`` (node ``d0``) through
@@ -65,7 +65,7 @@ def restore(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.ours", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -P bench/ours.py", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("init", "cycle", "restore"):
         cmd = sub.add_parser(name)

@@ -34,6 +34,8 @@ from bench.harness import BenchError, Contender, ContenderResult, Figures, Log, 
 from bench.workload import WorkloadSpec, apply_change
 
 OURS = "siterecovery"
+#: run by path: it imports only siterecovery, so it works from any directory
+WORKER = Path(__file__).resolve().parent / "ours.py"
 
 
 @dataclass
@@ -76,7 +78,8 @@ def sha256_file(path: Path) -> str:
 
 
 def _worker(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bench.ours", *args]
+    # -P: do not put bench/ first on sys.path (its module names could shadow others)
+    return [sys.executable, "-P", str(WORKER), *args]
 
 
 def _store_args(store: Path, keys: Path) -> list[str]:
