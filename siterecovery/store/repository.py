@@ -85,6 +85,12 @@ class ReplicaStore:
     def encrypted(self) -> bool:
         return self.config.encrypted
 
+    @property
+    def context(self) -> StoreContext:
+        """The opened store's internals, for the store's own maintenance modules (garbage
+        collection, compaction); not for use outside ``siterecovery.store``."""
+        return self._ctx
+
     # -- creation -------------------------------------------------------------------
 
     @classmethod
@@ -224,6 +230,13 @@ class ReplicaStore:
                 yield offset, data if data is not None else zeros(length)
 
         return pieces()
+
+    def open_disk(self, point: PointManifest, disk: str) -> ChainReader:
+        """Random access to ``disk`` of ``point``: ``reader.block(i)`` returns block ``i``
+        (``reader.block_size`` bytes, the last may be short) verified, or None if it is all
+        zeros. The index and segment headers are loaded and checked now; the reader is
+        thread-safe (instant recovery serves it over NBD from several connections)."""
+        return ChainReader(self._ctx, point, disk)
 
     def read_blocks(self, point: PointManifest, disk: str) -> Iterator[tuple[int, bytes | None]]:
         """Like :meth:`read_disk`, but zero blocks come as ``None``."""
