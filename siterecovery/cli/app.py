@@ -53,15 +53,22 @@ def _env(ctx: typer.Context) -> Env:
     return env
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"siterecovery {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
     workdir: WorkdirOption = None,
-    version: Annotated[bool, typer.Option("--version", help="Show the version.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Show the version.", callback=_show_version,
+                     is_eager=True),
+    ] = False,
 ) -> None:
-    if version:
-        print(f"siterecovery {__version__}")
-        raise typer.Exit()
     env = Env(Settings.load(workdir))
     ctx.obj = env
     ctx.call_on_close(env.close)
@@ -121,6 +128,7 @@ def vault_init(
     encrypt: Annotated[bool, typer.Option(help="Encrypt data at rest (AES-256-GCM).")] = False,
 ) -> None:
     """Create the embedded vault (SQLite), the replica store and its key file."""
+    from siterecovery.store.backend import open_backend
     from siterecovery.store.keys import StoreKeys
     from siterecovery.store.repository import ReplicaStore
     from siterecovery.vault.db import open_database
@@ -132,6 +140,7 @@ def vault_init(
             f"a vault already exists in {settings.workdir}",
             hint="use another --workdir, or remove that directory to start over",
         )
+    open_backend(settings.store_url)  # a bad URL is refused before anything is created
     settings.workdir.mkdir(parents=True, exist_ok=True)
     keys = StoreKeys.generate()
     ReplicaStore.init(settings.store_url, keys, encrypted=encrypt)
