@@ -150,7 +150,7 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     # Imported here, not at module top: the built-in backends import this module.
-    from siterecovery.store import file, memory  # noqa: F401
+    from siterecovery.store import azure, file, memory, s3  # noqa: F401
 
     _BUILTINS_LOADED = True
 
