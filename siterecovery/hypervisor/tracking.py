@@ -167,6 +167,31 @@ class ChangeTracker:
         with self._qmp() as qmp:
             return self._reconcile(qmp, self._discover(qmp))
 
+    def pending_bytes(self) -> dict[str, int]:
+        """Bytes each disk has changed since its last shipped cycle (its change log's size).
+
+        Reconciles first (as a cycle would), so leftovers of an interrupted cycle are counted
+        and an untrusted change log raises :class:`BitmapError`. The resync trigger compares
+        these figures with the disk sizes.
+        """
+        with self._qmp() as qmp:
+            disks = self._discover(qmp)
+            self._reconcile(qmp, disks)
+            return {
+                d.name: sum(int(b.get("count", 0)) for b in self._our_bitmaps(qmp, d.node))
+                for d in disks
+            }
+
+    def begin_resync(self) -> CycleView:
+        """Freeze every disk for a resynchronization and start a fresh change log.
+
+        Exactly like an initial cycle (old, possibly inconsistent bitmaps of this relationship
+        are dropped; a new one records from the frozen instant), so writes made during the
+        resync are shipped by the next delta cycle. The view exports no bitmap: the caller
+        compares every block. End it with :meth:`end` like any cycle.
+        """
+        return self.begin(initial=True)
+
     def stop_tracking(self) -> None:
         """Remove every bitmap and leftover of this relationship (disable protection)."""
         with self._qmp() as qmp:

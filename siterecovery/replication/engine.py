@@ -138,11 +138,12 @@ class Replicator:
         contexts = [disk.bitmap_context] if disk.bitmap_context else ["base:allocation"]
         with NbdClient.connect_unix(str(view.nbd_socket), disk.export, contexts) as nbd:
             if previous is None or disk.bitmap_context is None:
-                return self._copy_base(nbd, disk)
+                return self.copy_base(nbd, disk)
             return self._copy_delta(nbd, disk, previous.disks[disk.disk])
 
-    def _copy_base(self, nbd: NbdClient, disk: DiskView) -> tuple[DiskChain, DiskCycleStats]:
-        ranges = _block_ranges(nbd.allocated_extents(), self.store.block_size, disk.size)
+    def copy_base(self, nbd: NbdClient, disk: DiskView) -> tuple[DiskChain, DiskCycleStats]:
+        """Copy every allocated, non-zero store block of ``disk`` into a new base."""
+        ranges = block_ranges(nbd.allocated_extents(), self.store.block_size, disk.size)
         writer = self.store.begin_base(self.vm, disk.disk, disk.size)
         done = self._pump(nbd, ranges, disk.disk, writer.write, writer.abort)
         base = writer.commit()
@@ -183,7 +184,7 @@ class Replicator:
         return done
 
 
-def _block_ranges(
+def block_ranges(
     extents: Iterable[tuple[int, int, bool]], block_size: int, size: int
 ) -> list[tuple[int, int]]:
     """Whole store blocks that hold any non-zero data, as (offset, length), merged.

@@ -3,7 +3,8 @@
     ReplicationError
     ├── DiskLayoutChanged      a disk was added, removed or resized while protected
     ├── VerificationFailed     a recovered VM's data differs from what the primary wrote
-    └── FailoverError          a failover step failed; the source is left as it was
+    ├── FailoverError          a failover step failed; the source is left as it was
+    └── ChangeLogTooLarge      the pending change passed the resync threshold -> resync
 """
 
 from __future__ import annotations
@@ -27,3 +28,13 @@ class FailoverError(ReplicationError):
     """A failover step failed; the source VM is untouched."""
 
     hint = "read the job's failed task for the cause, fix it, and run the failover again"
+
+
+class ChangeLogTooLarge(ReplicationError):
+    """A disk's pending change exceeds the resync threshold of its size: a resync sends less."""
+
+    recoverable = True
+    hint = (
+        "the VM is resynchronized in its policy's resync window, "
+        "or now with `siterecovery resync VM`"
+    )

@@ -12,8 +12,19 @@ This is the agent-side work of the primary host, bookkept in the vault:
 
 ``replicate(vm)``
     one delta cycle on top of the newest recovery point, recorded in the vault. A change log
-    that cannot be trusted moves the VM to *resync required*; any other failure is recorded
-    with its class (recoverable or not) and re-raised.
+    larger than the resync threshold, or one that cannot be trusted, moves the VM to *resync
+    required*.
+
+``resync(vm)``
+    the *resynchronize* job: compare every block with the checksums the store holds, send
+    the differing ones, publish a point, back to *protected* with a fresh change log.
+
+Every failure goes through :meth:`ProtectionService.handle_failure`, the one place that
+applies :func:`siterecovery.replication.retry.diagnose`: recoverable errors are recorded with
+their attempt count and the next retry time of the backoff schedule (health *warning*);
+non-recoverable ones move the VM to *error* (health *critical*, no retry); errors only a
+resync can fix move it to *resync required*. The error is then re-raised. Times come from the
+vault's clock (``db.now()``), which tests inject.
 
 The VM's QMP socket path is host-local configuration kept in the vault's VM record under
 ``config["qmp"]``; everything else in ``config`` is the machine's description, replicated
@@ -22,24 +33,33 @@ into every recovery point so the recovery site can start the same machine.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from siterecovery.domain import DiskSpec, ReplicationState, validate_name
 from siterecovery.errors import InputError, SiteRecoveryError
-from siterecovery.hypervisor.errors import BitmapError
+from siterecovery.hypervisor.errors import VmNotFound
 from siterecovery.hypervisor.tracking import ChangeTracker, discover_disks
 from siterecovery.replication.engine import CycleResult, Progress, Replicator
-from siterecovery.replication.jobrun import JobListener, JobRun
+from siterecovery.replication.errors import ChangeLogTooLarge
+from siterecovery.replication.jobrun import JobListener, JobRun, TaskHandle
+from siterecovery.replication.resync import Resyncer, ResyncResult
+from siterecovery.replication.retry import Diagnosis, diagnose, next_retry_at
+from siterecovery.replication.scheduler import RESYNC_THRESHOLD, over_threshold
 from siterecovery.store.manifest import PointManifest
 from siterecovery.store.repository import ReplicaStore
-from siterecovery.vault import points, service
+from siterecovery.vault import jobs, points, service
 from siterecovery.vault.db import Database
-from siterecovery.vault.records import JobRecord, VmRecord
-from siterecovery.vault.states import ErrorClass
+from siterecovery.vault.records import JobRecord, ReplicatedVmRecord, VmRecord
+from siterecovery.vault.states import REPLICATING_STATES
 
 S = ReplicationState
 HOST_LOCAL_KEYS = ("qmp",)
+
+RESYNC = "resynchronize"
+RESYNC_TASKS = ("prepare resync", "compare and send blocks", "finalize resync")
 
 
 class ProtectionService:
@@ -53,12 +73,19 @@ class ProtectionService:
         *,
         on_job: JobListener | None = None,
         progress: Progress | None = None,
+        resync_threshold: float = RESYNC_THRESHOLD,
     ) -> None:
+        if not 0 < resync_threshold <= 1:
+            raise InputError(
+                f"resync threshold {resync_threshold!r} is out of range",
+                hint="give a fraction of the disk size in (0, 1], e.g. 0.5",
+            )
         self.db = db
         self.store = store
         self.run_dir = run_dir
         self.on_job = on_job
         self.progress = progress
+        self.resync_threshold = resync_threshold
 
     # -- inventory -------------------------------------------------------------------------
 
@@ -85,51 +112,167 @@ class ProtectionService:
         run = JobRun(self.db, protection.job.id, on_change=self.on_job)
         record = service.get_vm(self.db, name=vm)
         relationship = protection.replicated.relationship_id.replace("-", "")
-        try:
-            with run.task("check prerequisites") as task:
-                task.progress(100, self._check_prerequisites(record))
-            with run.task("create replication relationship") as task:
-                tracker = self._tracker(record, relationship)
-                task.progress(100, {"relationship_id": protection.replicated.relationship_id})
+        with self._task(run, "check prerequisites", vm) as task:
+            task.progress(100, self._check_prerequisites(record))
+        with self._task(run, "create replication relationship", vm) as task:
+            tracker = self._tracker(record, relationship)
+            task.progress(100, {"relationship_id": protection.replicated.relationship_id})
+        with self._task(run, "start initial replication", vm) as task:
             service.transition(
                 self.db, vm=vm, to_state=S.INITIAL_REPLICATION, reason="initial copy started"
             )
-            with run.task("start initial replication") as task:
-                result = self._run_cycle(record, tracker, None)
-                task.progress(100, result.figures())
-            with run.task("finalize protection"):
-                service.transition(
-                    self.db, vm=vm, to_state=S.PROTECTED, reason="initial replication complete"
-                )
-        except SiteRecoveryError as exc:
-            self._fail(vm, exc)
-            raise
+            result = self._run_cycle(record, tracker, None)
+            task.progress(100, result.figures())
+        with self._task(run, "finalize protection", vm):
+            service.transition(
+                self.db, vm=vm, to_state=S.PROTECTED, reason="initial replication complete"
+            )
         return run.finish(), result
+
+    def retry_initial(self, vm: str) -> CycleResult:
+        """Retry the initial copy of a VM whose *enable protection* job failed recoverably."""
+        record = service.get_vm(self.db, name=vm)
+        protection = self._require_state(vm, {S.INITIAL_REPLICATION}, "retry its initial copy")
+        tracker = self._tracker(record, protection.relationship_id.replace("-", ""))
+        try:
+            result = self._run_cycle(record, tracker, None)
+            service.transition(
+                self.db, vm=vm, to_state=S.PROTECTED, reason="initial replication complete"
+            )
+        except Exception as exc:
+            self.handle_failure(vm, exc)
+            raise
+        return result
 
     def replicate(self, vm: str) -> CycleResult:
         """Run one delta cycle of the protected ``vm`` and record its recovery point."""
         record = service.get_vm(self.db, name=vm)
-        protection = service.get_protection(self.db, vm=vm)
-        if protection.state != S.PROTECTED:
-            raise InputError(
-                f"VM {vm} is {protection.state}, not protected: no cycle runs",
-                hint="see `siterecovery status VM` for what it needs",
-            )
+        protection = self._require_state(vm, {S.PROTECTED}, "run a cycle")
         latest = points.latest_point(self.db, vm=vm)
         if latest is None:
             raise InputError(f"VM {vm} has no recovery point to continue from")
-        previous = self.store.load_point(vm, latest.point_id)
-        tracker = self._tracker(record, protection.relationship_id.replace("-", ""))
         try:
+            previous = self.store.load_point(vm, latest.point_id)
+            tracker = self._tracker(record, protection.relationship_id.replace("-", ""))
+            self._check_change_log(tracker)
             return self._run_cycle(record, tracker, previous)
-        except SiteRecoveryError as exc:
-            self._fail(vm, exc)
+        except Exception as exc:
+            self.handle_failure(vm, exc)
             raise
+
+    # -- resync ----------------------------------------------------------------------------
+
+    def require_resync(self, vm: str, reason: str) -> ReplicatedVmRecord:
+        """Mark ``vm`` *resync required* (e.g. ``store verify`` found damage); idempotent.
+
+        Allowed from *protected*, *error* and *resync required*; the resync then runs in the
+        policy's window (or now with :meth:`resync`).
+        """
+        current = service.get_protection(self.db, vm=vm)
+        if current.state == S.RESYNC_REQUIRED:
+            return current
+        return service.transition(self.db, vm=vm, to_state=S.RESYNC_REQUIRED, reason=reason)
+
+    def resync(
+        self, vm: str, *, full: bool = False, reason: str = "requested by the operator"
+    ) -> tuple[JobRecord, ResyncResult]:
+        """Run the *resynchronize* job now; return the finished job and the resync figures.
+
+        A *protected* or *error* VM is first marked *resync required* with ``reason``; an
+        interrupted resync (state *resyncing*) is started again. ``full`` ignores the
+        checksums the store holds and copies every disk into a new base (use it when the
+        replica data itself is damaged).
+        """
+        self._enter_resync_required(vm, reason)
+        record = service.get_vm(self.db, name=vm)
+        job = jobs.create_job(
+            self.db, kind=RESYNC, vm=vm, tasks=RESYNC_TASKS, details={"reason": reason}
+        )
+        run = JobRun(self.db, job.id, on_change=self.on_job)
+        with self._task(run, "prepare resync", vm) as task:
+            protection = service.get_protection(self.db, vm=vm)
+            tracker = self._tracker(record, protection.relationship_id.replace("-", ""))
+            previous = None if full else self._previous_point(vm)
+            service.transition(self.db, vm=vm, to_state=S.RESYNCING, reason=reason)
+            task.progress(100, {
+                "compare_with": previous.point_id if previous else None, "full": previous is None,
+            })  # fmt: skip
+        with self._task(run, "compare and send blocks", vm) as task:
+            resyncer = Resyncer(
+                tracker, self.store, vm,
+                vm_config=replica_config(record.config), progress=self.progress,
+            )  # fmt: skip
+            result = resyncer.run(previous)
+            task.progress(100, result.figures())
+        with self._task(run, "finalize resync", vm):
+            self._record(vm, result.point, result.figures(), result.bytes_stored)
+            service.transition(self.db, vm=vm, to_state=S.PROTECTED, reason="resync complete")
+        return run.finish(), result
+
+    def _enter_resync_required(self, vm: str, reason: str) -> None:
+        state = service.get_protection(self.db, vm=vm).state
+        if state in (S.PROTECTED, S.ERROR, S.RESYNCING):
+            service.transition(self.db, vm=vm, to_state=S.RESYNC_REQUIRED, reason=reason)
+        elif state != S.RESYNC_REQUIRED:
+            raise InputError(
+                f"VM {vm} is {state}: it cannot be resynchronized now",
+                hint="resync a VM that is protected, in error or resync required",
+            )
+
+    def _previous_point(self, vm: str) -> PointManifest | None:
+        """The newest recovery point to compare with, or None (full copy) if there is none."""
+        latest = points.latest_point(self.db, vm=vm)
+        return None if latest is None else self.store.load_point(vm, latest.point_id)
+
+    # -- failures --------------------------------------------------------------------------
+
+    def handle_failure(self, vm: str, exc: BaseException) -> Diagnosis:
+        """Record ``exc`` for ``vm`` as the retry rules say, and move its state if needed.
+
+        Recoverable: one more attempt, next retry on the backoff schedule. Resync: *resync
+        required*. Non-recoverable: *error* (from a replicating state). Returns the diagnosis.
+        """
+        diagnosis = diagnose(exc)
+        current = service.get_protection(self.db, vm=vm)
+        text = _error_text(diagnosis, exc)
+        retry_at = None
+        if diagnosis.recoverable and not diagnosis.resync:
+            retry_at = next_retry_at(self.db.now(), current.attempts + 1)
+        points.record_failure(
+            self.db, vm=vm, error=text, error_class=diagnosis.error_class, next_retry_at=retry_at
+        )
+        target = _state_after(current.state, diagnosis)
+        if target is not None:
+            service.transition(self.db, vm=vm, to_state=target, reason=text)
+        return diagnosis
+
+    @contextmanager
+    def _task(self, run: JobRun, name: str, vm: str) -> Iterator[TaskHandle]:
+        """A job task whose failure is handled (and shown in the task) before it propagates."""
+        with run.task(name) as task:
+            try:
+                yield task
+            except Exception as exc:
+                diagnosis = self.handle_failure(vm, exc)
+                after = service.get_protection(self.db, vm=vm)
+                task.progress(0, {
+                    "error_class": str(diagnosis.error_class), "cause": diagnosis.cause,
+                    "attempts": after.attempts, "next_retry_at": _iso(after.next_retry_at),
+                    "state": str(after.state),
+                })  # fmt: skip
+                raise
 
     # -- internals -------------------------------------------------------------------------
 
     def _tracker(self, record: VmRecord, relationship: str) -> ChangeTracker:
-        return ChangeTracker(_qmp_path(record), self.run_dir / record.name, relationship)
+        qmp = _qmp_path(record)
+        if not qmp.exists():
+            raise VmNotFound(
+                f"VM {record.name} not found on this host: its QMP socket {qmp} does not exist",
+                hint="if the VM was deleted, disable protection; if it was moved or only shut "
+                "down, start it (or register it again), then run `siterecovery resync VM`",
+            )
+        return ChangeTracker(qmp, self.run_dir / record.name, relationship)
 
     def _run_cycle(
         self, record: VmRecord, tracker: ChangeTracker, previous: PointManifest | None
@@ -139,17 +282,39 @@ class ProtectionService:
             vm_config=replica_config(record.config), progress=self.progress,
         )  # fmt: skip
         result = replicator.run_cycle(previous)
-        points.record_point(
-            self.db,
-            vm=record.name,
-            point_id=result.point.point_id,
-            created_at=result.point.created_at,
-            consistency=result.point.consistency,
-            manifest_key=result.point.key,
-            figures=result.figures(),
-            bytes_shipped=result.bytes_shipped,
-        )
+        self._record(record.name, result.point, result.figures(), result.bytes_shipped)
         return result
+
+    def _record(
+        self, vm: str, point: PointManifest, figures: dict[str, Any], bytes_shipped: int
+    ) -> None:
+        points.record_point(
+            self.db, vm=vm, point_id=point.point_id, created_at=point.created_at,
+            consistency=point.consistency, manifest_key=point.key, figures=figures,
+            bytes_shipped=bytes_shipped,
+        )  # fmt: skip
+
+    def _check_change_log(self, tracker: ChangeTracker) -> None:
+        """Raise :class:`ChangeLogTooLarge` when a disk's pending change passes the threshold."""
+        sizes = {d.name: d.size for d in tracker.disks()}
+        pending = tracker.pending_bytes()
+        over = over_threshold(pending, sizes, self.resync_threshold)
+        if over:
+            shares = ", ".join(f"{d} {pending[d] / sizes[d]:.0%}" for d in over)
+            raise ChangeLogTooLarge(
+                f"pending change over {self.resync_threshold:.0%} of the disk size: {shares}"
+            )
+
+    def _require_state(
+        self, vm: str, states: set[ReplicationState], operation: str
+    ) -> ReplicatedVmRecord:
+        protection = service.get_protection(self.db, vm=vm)
+        if protection.state not in states:
+            raise InputError(
+                f"VM {vm} is {protection.state}: cannot {operation}",
+                hint="see `siterecovery status VM` for what it needs",
+            )
+        return protection
 
     def _check_prerequisites(self, record: VmRecord) -> dict[str, Any]:
         disks = discover_disks(_qmp_path(record))
@@ -163,20 +328,30 @@ class ProtectionService:
         self.store.list_points(record.name)  # the store answers and its points load
         return {"disks": [d.name for d in disks], "store": self.store.url}
 
-    def _fail(self, vm: str, exc: SiteRecoveryError) -> None:
-        """Record a failure with its class; an untrusted change log means resync."""
-        kind = ErrorClass.RECOVERABLE if exc.recoverable else ErrorClass.NON_RECOVERABLE
-        points.record_failure(self.db, vm=vm, error=exc.describe(), error_class=kind)
-        state = service.get_protection(self.db, vm=vm).state
-        if isinstance(exc, BitmapError) and state == S.PROTECTED:
-            service.transition(self.db, vm=vm, to_state=S.RESYNC_REQUIRED, reason=str(exc))
-        elif state in (S.ENABLING_PROTECTION, S.INITIAL_REPLICATION) and not exc.recoverable:
-            service.transition(self.db, vm=vm, to_state=S.ERROR, reason=str(exc))
-
 
 def replica_config(config: dict[str, Any]) -> dict[str, Any]:
     """The VM description stored in recovery points: the config without host-local keys."""
     return {k: v for k, v in config.items() if k not in HOST_LOCAL_KEYS}
+
+
+def _state_after(state: ReplicationState, diagnosis: Diagnosis) -> ReplicationState | None:
+    """The state a failure moves a VM to (None: it stays), per the module docstring."""
+    if diagnosis.resync and state in REPLICATING_STATES | {S.ERROR}:
+        return S.RESYNC_REQUIRED
+    if not diagnosis.recoverable and state in REPLICATING_STATES | {S.ENABLING_PROTECTION}:
+        return S.ERROR
+    if state == S.RESYNCING:
+        return S.RESYNC_REQUIRED  # a recoverable resync failure: retried in the window
+    return None
+
+
+def _error_text(diagnosis: Diagnosis, exc: BaseException) -> str:
+    detail = exc.describe() if isinstance(exc, SiteRecoveryError) else f"{exc!r}"
+    return f"{diagnosis.cause}: {detail}"[:4000]
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else str(value.isoformat())
 
 
 def _qmp_path(record: VmRecord) -> Path:
@@ -187,4 +362,3 @@ def _qmp_path(record: VmRecord) -> Path:
             hint="register the VM again with its QMP socket path",
         )
     return Path(str(qmp))
-
