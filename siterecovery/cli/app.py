@@ -294,7 +294,8 @@ def status(
     vm: Annotated[str | None, typer.Argument(help="One VM (default: all).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Replicated VMs with state, health, RPO and last cycle."""
+    """Replicated VMs with state, health, RPO, last cycle, and the last error with its class,
+    attempts and next retry time."""
     from siterecovery.vault import points, service
 
     db = _env(ctx).db()
@@ -305,8 +306,10 @@ def status(
                                   for r in records])  # fmt: skip
     rows = [(r.vm, r.policy, r.state, f"{r.health}: {r.health_reason}",
              "" if rpos[r.vm] is None else f"{rpos[r.vm]:.0f}s", output.when(r.last_cycle_at),
-             r.last_error or "") for r in records]  # fmt: skip
-    columns = ["VM", "policy", "state", "health", "RPO", "last cycle", "last error"]
+             r.last_error or "", r.error_class or "", r.attempts or "",
+             output.when(r.next_retry_at)) for r in records]  # fmt: skip
+    columns = ["VM", "policy", "state", "health", "RPO", "last cycle", "last error",
+               "error class", "attempts", "next retry (UTC)"]  # fmt: skip
     output.out.print(output.table("replicated VMs", columns, rows))
 
 

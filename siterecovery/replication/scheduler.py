@@ -11,6 +11,8 @@ last error                     ``siterecovery resync VM``)
 *protected*, recoverable       **retry** at ``next_retry_at`` (the backoff schedule of
 error being retried            :mod:`siterecovery.replication.retry`)
 *protected*                    **cycle** one copy interval after the last cycle (now if none)
+*initial replication*, with a  **retry** of the initial copy at ``next_retry_at``
+recoverable error
 *resync required*              **resync** at the first instant inside the policy's resync
                                window that is not before ``next_retry_at`` (a failed resync
                                is retried on the same backoff schedule, inside the window)
@@ -77,9 +79,12 @@ def decide(vm: VmSchedule, now: datetime) -> Due:
     if vm.state == S.RESYNC_REQUIRED:
         start = max(now, vm.next_retry_at) if vm.next_retry_at else now
         return Due(Action.RESYNC, next_in_window(vm.resync_window, start), "resync required")
+    retrying = vm.error_class == ErrorClass.RECOVERABLE and vm.next_retry_at is not None
+    if vm.state == S.INITIAL_REPLICATION and retrying:
+        return Due(Action.RETRY, vm.next_retry_at, "retrying the initial copy")
     if vm.state != S.PROTECTED:
         return Due(Action.NONE, None, f"no replication work in state '{vm.state}'")
-    if vm.error_class == ErrorClass.RECOVERABLE and vm.next_retry_at is not None:
+    if retrying:
         return Due(Action.RETRY, vm.next_retry_at, "retrying after a recoverable error")
     if vm.last_cycle_at is None:
         return Due(Action.CYCLE, now, "no cycle yet")

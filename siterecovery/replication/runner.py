@@ -1,0 +1,120 @@
+"""The agent's replication loop: run what :func:`scheduler.decide` says is due, VM by VM.
+
+:meth:`Runner.run_due` looks at every protected VM (of one host, or all), asks the pure
+scheduler what is due at the vault clock's ``now``, and runs it: a delta cycle, a retry (the
+same cycle, or the initial copy when that is what failed), or a resync. Failures are already
+recorded by :class:`ProtectionService` (error, class, attempts, next retry, state); the loop
+reports them in its outcomes and goes on with the next VM, so one VM never stops another.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from siterecovery.domain import ReplicationState
+from siterecovery.errors import SiteRecoveryError
+from siterecovery.replication.protection import ProtectionService
+from siterecovery.replication.retry import diagnose
+from siterecovery.replication.scheduler import Action, Due, VmSchedule, decide
+from siterecovery.vault import service
+from siterecovery.vault.records import ReplicatedVmRecord
+
+S = ReplicationState
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one due action did: ``ok``, and either a summary or the error it recorded."""
+
+    vm: str
+    action: Action
+    ok: bool
+    summary: str
+
+
+class Runner:
+    """Runs due cycles, retries and resyncs for the VMs of ``host`` (None: every host)."""
+
+    def __init__(self, protection: ProtectionService, *, host: str | None = None) -> None:
+        self.protection = protection
+        self.db = protection.db
+        self.host = host
+
+    def schedule(self) -> list[tuple[ReplicatedVmRecord, Due]]:
+        """Every VM of this runner with what is due for it, by VM name."""
+        now = self.db.now()
+        hosts = {v.name: v.host for v in service.list_vms(self.db)}
+        result = []
+        for record in service.list_protected(self.db):
+            if self.host is None or hosts.get(record.vm) == self.host:
+                result.append((record, decide(self._inputs(record), now)))
+        return result
+
+    def run_due(self) -> list[Outcome]:
+        """Run every action that is due now, one VM after the other; never raises for a VM."""
+        now = self.db.now()
+        return [self._run(record, due) for record, due in self.schedule() if due.ready(now)]
+
+    def run_forever(
+        self,
+        stop: threading.Event,
+        *,
+        tick_s: float = 5.0,
+        report: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        """Call :meth:`run_due` every ``tick_s`` seconds until ``stop`` is set."""
+        self.resume_interrupted()
+        while not stop.is_set():
+            for outcome in self.run_due():
+                if report is not None:
+                    report(outcome)
+            stop.wait(tick_s)
+
+    def resume_interrupted(self) -> list[str]:
+        """VMs left *resyncing* by a stopped agent go back to *resync required* (one agent
+        per host, so nothing else runs them); returns their names."""
+        names = []
+        for record, _ in self.schedule():
+            if record.state == S.RESYNCING:
+                service.transition(
+                    self.db, vm=record.vm, to_state=S.RESYNC_REQUIRED,
+                    reason="the resync was interrupted by an agent restart",
+                )  # fmt: skip
+                names.append(record.vm)
+        return names
+
+    def _run(self, record: ReplicatedVmRecord, due: Due) -> Outcome:
+        try:
+            return Outcome(record.vm, due.action, True, self._act(record, due.action))
+        except SiteRecoveryError as exc:
+            return Outcome(record.vm, due.action, False, f"{diagnose(exc).cause}: {exc}")
+        except Exception as exc:  # recorded by the service; the loop must go on
+            return Outcome(record.vm, due.action, False, f"{diagnose(exc).cause}: {exc!r}")
+
+    def _act(self, record: ReplicatedVmRecord, action: Action) -> str:
+        vm = record.vm
+        if action == Action.RESYNC:
+            job, result = self.protection.resync(vm, reason=record.resync_required_reason
+                                                 or "resync required")  # fmt: skip
+            return (
+                f"resync job {job.id[:8]}: {result.blocks_sent}/{result.blocks_compared} "
+                f"blocks sent ({result.bytes_sent} bytes) in {result.duration_s:.2f} s"
+            )
+        if record.state == S.INITIAL_REPLICATION:
+            cycle = self.protection.retry_initial(vm)
+        else:
+            cycle = self.protection.replicate(vm)
+        return f"point {cycle.point.point_id}: {cycle.bytes_read} bytes read"
+
+    def _inputs(self, record: ReplicatedVmRecord) -> VmSchedule:
+        policy = service.get_policy(self.db, name=record.policy)
+        return VmSchedule(
+            state=record.state,
+            copy_frequency_s=policy.copy_frequency_s,
+            resync_window=policy.resync_window,
+            last_cycle_at=record.last_cycle_at,
+            error_class=record.error_class,
+            next_retry_at=record.next_retry_at,
+        )
