@@ -13,10 +13,12 @@ Mark, then sweep:
    modified after ``created - LEASE_SKEW`` of the oldest live *writing* lease (its writer has
    not published yet), or is a chunk while a live *deduplicating* lease exists (the writer
    may have found it and skipped its upload).
-3. **Sweep.** Put a ``gc`` lease, list the leases again and re-apply step 2 with them (the
-   handshake: a writer that put its lease before this listing is honoured; one that puts it
-   after waits for the sweep to end), then delete segments, indexes, chunks in that order
-   (a crash mid-sweep never leaves an index whose chunks are gone while the index is kept).
+3. **Sweep.** Put a ``gc`` lease, then mark again (manifests and leases; indexes already
+   loaded are cached) and re-apply step 2 to the candidates (the handshake: a writer that
+   put its lease before this listing is honoured; one that puts it after waits for the
+   sweep to end; a manifest published or rewritten meanwhile is seen), then delete
+   segments, indexes, chunks in that order (a crash mid-sweep never leaves an index whose
+   chunks are gone while the index is kept).
    Expired leases are deleted, and the file backend's old temporary files.
 
 Manifests (``points/``), the store config and unknown keys are never touched. ``dry_run``
@@ -95,7 +97,13 @@ class _Marker:
         self.keys: set[str] = set()
         self.chunks: set[str] = set()
         self.points = 0
-        self._indexes: set[str] = set()
+        self._indexes: dict[str, set[str]] = {}  # index key -> its chunk keys (a cache)
+
+    def reset(self) -> None:
+        """Forget the live set (not the index cache) before marking again."""
+        self.keys.clear()
+        self.chunks.clear()
+        self.points = 0
 
     def mark_manifests(self) -> None:
         damaged = []
@@ -117,6 +125,7 @@ class _Marker:
 
     def _mark_index(self, ref: DiskRef, user: str) -> None:
         if ref.key in self._indexes:
+            self.chunks.update(self._indexes[ref.key])
             return
         try:
             index = load_index(self.ctx, ref)
@@ -131,14 +140,16 @@ class _Marker:
         self._add_index(ref.key, index)
 
     def _add_index(self, key: str, index: BaseIndex) -> None:
-        self._indexes.add(key)
-        self.chunks.update(chunk_key(cid) for cid in index.chunk_ids())
+        self._indexes[key] = {chunk_key(cid) for cid in index.chunk_ids()}
+        self.chunks.update(self._indexes[key])
 
     def mark_roots(self, leases: Iterable[LeaseInfo]) -> None:
         for lease in leases:
             for root in lease.roots:
                 self.keys.add(root)
-                if root.startswith("indexes/") and root not in self._indexes:
+                if root in self._indexes:
+                    self.chunks.update(self._indexes[root])
+                elif root.startswith("indexes/"):
                     self._mark_root_index(root, lease)
 
     def _mark_root_index(self, key: str, lease: LeaseInfo) -> None:
@@ -257,8 +268,12 @@ class _Collector:
         setattr(self.report, attr, getattr(self.report, attr) + 1)
 
     def _recheck(self, candidates: list[ObjectInfo], now: datetime) -> list[ObjectInfo]:
-        """Apply the leases seen after our gc lease was put (the handshake)."""
+        """Mark again under our gc lease (the handshake): manifests published or rewritten
+        since the first mark, and leases put before ours, are honoured. Indexes already
+        loaded are not read again."""
         leases = self._live_leases(self.clock())
+        self.marker.reset()
+        self.marker.mark_manifests()
         self.marker.mark_roots(leases)
         rules = _Rules.of(leases, now, self.min_age)
         still = self._select(candidates, rules, count=False)
