@@ -118,11 +118,12 @@ def classify(exc: BaseException) -> ErrorClass:
 def _named_case(exc: BaseException) -> Diagnosis | None:
     """The seed's named cases, looked for in ``exc`` and the errors it was raised from.
 
-    Non-recoverable cases are looked for first along the whole chain, so a store error
-    raised from "permission denied" is an authorization failure, not a network error.
+    Each rule is tried along the whole chain before the next (non-recoverable, then low
+    resources, then network), so a store error raised from "permission denied" is an
+    authorization failure and one raised from ENOSPC is low disk space, not a network error.
     """
     chain = list(_chain(exc))
-    for rule in (_non_recoverable_case, _recoverable_case):
+    for rule in (_non_recoverable_case, _resource_case, _network_case):
         for err in chain:
             found = rule(err)
             if found is not None:
@@ -145,11 +146,15 @@ def _non_recoverable_case(err: BaseException) -> Diagnosis | None:
     return None
 
 
-def _recoverable_case(err: BaseException) -> Diagnosis | None:
+def _resource_case(err: BaseException) -> Diagnosis | None:
     if isinstance(err, StoreFull) or _errno(err) in _FULL:
         return Diagnosis(R, "low disk space")
     if isinstance(err, MemoryError) or _errno(err) == errno.ENOMEM:
         return Diagnosis(R, "low memory")
+    return None
+
+
+def _network_case(err: BaseException) -> Diagnosis | None:
     if isinstance(err, NbdError | StoreUnavailable | ConnectionError | TimeoutError):
         return Diagnosis(R, "network error")
     if isinstance(err, QmpError) and _monitor_lost(err):
