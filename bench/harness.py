@@ -83,6 +83,8 @@ def measure(
     ``env`` entries are added to this process's environment. stdout is returned (the ours
     worker prints its figures there); stderr is quoted in the error when the run fails.
     """
+    if not os.access(TIME, os.X_OK):
+        raise BenchError(f"{TIME} is missing: run scripts/bench-setup.sh (Debian package time)")
     full_env = {**os.environ, **(env or {})}
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         out, err, rss = (Path(tmp) / name for name in ("out", "err", "rss"))

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench.harness import BenchError, Contender, measure, result_json, run_row
+from bench.harness import TIME, BenchError, Contender, measure, result_json, run_row
 from bench.report import markdown, row_markdown, update_doc
 
+needs_time = pytest.mark.skipif(
+    not os.access(TIME, os.X_OK), reason="GNU time missing (scripts/bench-setup.sh installs it)"
+)
 
+
+@needs_time
 def test_measure_counts_child_reads_and_memory(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.write_bytes(b"x" * (4 << 20))
@@ -27,6 +33,7 @@ def test_measure_counts_child_reads_and_memory(tmp_path: Path) -> None:
     assert measure(["true"]).max_rss_bytes < 16 << 20
 
 
+@needs_time
 def test_measure_reports_failures_with_stderr() -> None:
     with pytest.raises(BenchError, match="boom"):
         measure([sys.executable, "-c", "import sys; sys.exit('boom')"])
@@ -44,6 +51,7 @@ def _appender(log: Path, name: str, *, role: str = "anchor", fail: bool = False)
     )
 
 
+@needs_time
 def test_rows_warm_up_then_interleave_and_survive_a_failing_anchor(tmp_path: Path) -> None:
     log = tmp_path / "order"
     contenders = [
