@@ -327,3 +327,38 @@ class RecoveryPoint(Base):
     figures: Mapped[dict[str, Any]]
 
     vm: Mapped[Vm] = relationship()
+
+
+class RecoveryNetwork(Base):
+    """A network of the recovery host that replica VMs attach to (DESIGN §5).
+
+    ``kind`` is ``user`` (QEMU user-mode networking: NAT to the outside) or ``isolated`` (the
+    same without any route out, for drills); ``subnet`` is the IPv4 CIDR the guest sees.
+    """
+
+    __tablename__ = "recovery_networks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    kind: Mapped[str] = mapped_column(String(ENUM_LEN))
+    subnet: Mapped[str] = mapped_column(String(43))
+    created_at: Mapped[datetime]
+
+
+class NetworkMapping(Base):
+    """Source network (a VM NIC's ``network``) → recovery network, and the drills' network."""
+
+    __tablename__ = "network_mappings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source_network: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    recovery_network_id: Mapped[int] = mapped_column(
+        ForeignKey("recovery_networks.id", ondelete="RESTRICT")
+    )
+    test_network_id: Mapped[int] = mapped_column(
+        ForeignKey("recovery_networks.id", ondelete="RESTRICT")
+    )
+    created_at: Mapped[datetime]
+
+    recovery_network: Mapped[RecoveryNetwork] = relationship(foreign_keys=[recovery_network_id])
+    test_network: Mapped[RecoveryNetwork] = relationship(foreign_keys=[test_network_id])

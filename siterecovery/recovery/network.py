@@ -1,0 +1,225 @@
+"""Network mapping (DESIGN §5): each source network maps to a recovery network, drills use an
+isolated one; and the QEMU NIC arguments that attach a replica VM to them.
+
+A VM's NICs are described in its config (replicated into every recovery point)::
+
+    "nics": [{"network": "prod", "mac": "52:54:00:12:34:56", "model": "virtio-net-pci"}]
+
+Recovery networks on a QEMU recovery host use the means every host has, user-mode
+networking: ``user`` gives the guest NAT to the outside on ``subnet``; ``isolated`` is the
+same with ``restrict=on`` (no packet leaves the guest's network; explicit port forwards still
+work, which is how drill probes reach it). An exposed port (the seed's public IP) is a
+``hostfwd`` from ``127.0.0.1:HOST_PORT`` (or any address) to the guest's port.
+
+Functions taking a Database follow the vault's conventions: keyword arguments, one
+transaction, frozen records back, InputError/NotFoundError on bad input with nothing changed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from siterecovery.domain import validate_name
+from siterecovery.errors import InputError, NotFoundError
+from siterecovery.recovery.errors import FailoverError
+from siterecovery.vault.db import Database
+from siterecovery.vault.errors import Conflict
+from siterecovery.vault.models import NetworkMapping, RecoveryNetwork
+
+NETWORK_KINDS = ("user", "isolated")
+_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+NIC_MODELS = ("virtio-net-pci", "e1000", "rtl8139")
+
+
+@dataclass(frozen=True)
+class NetworkRecord:
+    name: str
+    kind: str
+    subnet: str
+
+
+@dataclass(frozen=True)
+class MappingRecord:
+    source_network: str
+    recovery_network: NetworkRecord
+    test_network: NetworkRecord
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """Expose ``guest_port`` of the replica VM at ``host_addr:host_port`` (TCP)."""
+
+    host_port: int
+    guest_port: int
+    host_addr: str = "127.0.0.1"
+
+    @classmethod
+    def parse(cls, text: str) -> PortForward:
+        """``HOST_PORT:GUEST_PORT`` or ``ADDR:HOST_PORT:GUEST_PORT``."""
+        parts = text.split(":")
+        try:
+            if len(parts) == 2:
+                fwd = cls(int(parts[0]), int(parts[1]))
+            elif len(parts) == 3:
+                ipaddress.IPv4Address(parts[0])
+                fwd = cls(int(parts[1]), int(parts[2]), parts[0])
+            else:
+                raise ValueError(text)
+        except ValueError:
+            raise InputError(
+                f"invalid port exposure {text!r}", hint="write HOST_PORT:GUEST_PORT, e.g. 8080:80"
+            ) from None
+        if not (0 <= fwd.host_port < 65536 and 0 < fwd.guest_port < 65536):
+            raise InputError(f"port out of range in {text!r}")
+        return fwd
+
+
+def create_network(db: Database, /, *, name: str, kind: str, subnet: str) -> NetworkRecord:
+    """Create a recovery network; Conflict if the name exists."""
+    validate_name("network", name)
+    if kind not in NETWORK_KINDS:
+        raise InputError(f"unknown network kind {kind!r}", hint="use user or isolated")
+    net = _subnet(subnet)
+    with db.transaction() as session:
+        if session.scalars(select(RecoveryNetwork).where(RecoveryNetwork.name == name)).first():
+            raise Conflict(f"recovery network {name!r} already exists")
+        row = RecoveryNetwork(name=name, kind=kind, subnet=str(net), created_at=db.now())
+        session.add(row)
+        return NetworkRecord(row.name, row.kind, row.subnet)
+
+
+def map_network(
+    db: Database, /, *, source: str, recovery: str, test: str
+) -> MappingRecord:
+    """Map ``source`` to the recovery network ``recovery``, drills to ``test`` (isolated).
+
+    Replaces an existing mapping of ``source``.
+    """
+    validate_name("source network", source)
+    with db.transaction() as session:
+        rec, tst = _network_row(session, recovery), _network_row(session, test)
+        if tst.kind != "isolated":
+            raise InputError(
+                f"drills need an isolated network; {test!r} is {tst.kind}",
+                hint="create one with `siterecovery network create NAME --kind isolated`",
+            )
+        row = session.scalars(
+            select(NetworkMapping).where(NetworkMapping.source_network == source)
+        ).one_or_none()
+        if row is None:
+            row = NetworkMapping(source_network=source, created_at=db.now(),
+                                 recovery_network=rec, test_network=tst)  # fmt: skip
+            session.add(row)
+        row.recovery_network, row.test_network = rec, tst
+        session.flush()
+        return _mapping_record(row)
+
+
+def list_mappings(db: Database, /) -> list[MappingRecord]:
+    with db.transaction(write=False) as session:
+        query = select(NetworkMapping).order_by(NetworkMapping.source_network)
+        return [_mapping_record(r) for r in session.scalars(query)]
+
+
+def list_networks(db: Database, /) -> list[NetworkRecord]:
+    with db.transaction(write=False) as session:
+        query = select(RecoveryNetwork).order_by(RecoveryNetwork.name)
+        return [NetworkRecord(r.name, r.kind, r.subnet) for r in session.scalars(query)]
+
+
+def _network_row(session: Any, name: str) -> RecoveryNetwork:
+    validate_name("network", name)
+    row = session.scalars(select(RecoveryNetwork).where(RecoveryNetwork.name == name)).first()
+    if row is None:
+        raise NotFoundError(
+            f"no recovery network {name!r}", hint="create it with `siterecovery network create`"
+        )
+    assert isinstance(row, RecoveryNetwork)
+    return row
+
+
+def _mapping_record(row: NetworkMapping) -> MappingRecord:
+    rec, tst = row.recovery_network, row.test_network
+    return MappingRecord(
+        row.source_network,
+        NetworkRecord(rec.name, rec.kind, rec.subnet),
+        NetworkRecord(tst.name, tst.kind, tst.subnet),
+    )
+
+
+def _subnet(text: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.IPv4Network(text, strict=True)
+    except ValueError:
+        raise InputError(
+            f"invalid subnet {text!r}", hint="write an IPv4 CIDR like 10.0.2.0/24"
+        ) from None
+    if net.prefixlen > 29:
+        raise InputError(f"subnet {text!r} is too small", hint="use /29 or larger")
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+# NICs of a replica VM
+
+
+@dataclass(frozen=True)
+class PlannedNic:
+    """One NIC of the replica VM: where it attaches and how it looks to the guest."""
+
+    source_network: str
+    network: NetworkRecord
+    mac: str | None
+    model: str
+
+
+def plan_nics(
+    vm: str, vm_config: Mapping[str, Any], mappings: Sequence[MappingRecord], *, test: bool
+) -> list[PlannedNic]:
+    """The replica VM's NICs: each source network resolved through ``mappings``.
+
+    Raises FailoverError naming the unmapped networks (nothing is started).
+    """
+    by_source = {m.source_network: m for m in mappings}
+    nics = list(vm_config.get("nics", []))
+    missing = sorted({str(n.get("network")) for n in nics if n.get("network") not in by_source})
+    if missing:
+        raise FailoverError(
+            f"VM {vm} has NICs on networks with no mapping: {', '.join(missing)}",
+            hint="map them first: `siterecovery network map SOURCE --recovery NET --test NET`",
+        )
+    planned = []
+    for nic in nics:
+        mapping = by_source[str(nic["network"])]
+        mac = str(nic["mac"]).lower() if nic.get("mac") else None
+        if mac is not None and not _MAC_RE.match(mac):
+            raise FailoverError(f"VM {vm} has a NIC with an invalid MAC address {mac!r}")
+        model = str(nic.get("model", "virtio-net-pci"))
+        if model not in NIC_MODELS:
+            raise FailoverError(f"VM {vm} has a NIC of unknown model {model!r}")
+        network = mapping.test_network if test else mapping.recovery_network
+        planned.append(PlannedNic(mapping.source_network, network, mac, model))
+    return planned
+
+
+def nic_args(nics: Sequence[PlannedNic], forwards: Sequence[PortForward]) -> list[str]:
+    """QEMU ``-netdev``/``-device`` args; ``forwards`` go on the first NIC."""
+    args: list[str] = []
+    for n, nic in enumerate(nics):
+        net = ipaddress.IPv4Network(nic.network.subnet)
+        opts = [f"user,id=rnet{n}", f"net={net}"]
+        if nic.network.kind == "isolated":
+            opts.append("restrict=on")
+        if n == 0:
+            guest = net.network_address + 15  # slirp's first DHCP address
+            opts += [f"hostfwd=tcp:{f.host_addr}:{f.host_port}-{guest}:{f.guest_port}"
+                     for f in forwards]  # fmt: skip
+        device = f"{nic.model},netdev=rnet{n}" + (f",mac={nic.mac}" if nic.mac else "")
+        args += ["-netdev", ",".join(opts), "-device", device]
+    return args
