@@ -5,8 +5,9 @@ demo: setup
 	.venv/bin/siterecovery demo
 
 test: setup-test
-	.venv/bin/ruff check siterecovery tests
+	.venv/bin/ruff check siterecovery tests bench
 	.venv/bin/mypy
+	.venv/bin/mypy bench tests/bench
 	.venv/bin/pytest -ra
 
 setup:
@@ -16,12 +17,21 @@ setup-test:
 	bash scripts/setup.sh test
 
 lint: setup-test
-	.venv/bin/ruff check siterecovery tests
-	.venv/bin/ruff format --check siterecovery tests
+	.venv/bin/ruff check siterecovery tests bench
+	.venv/bin/ruff format --check siterecovery tests bench
 	.venv/bin/mypy
+	.venv/bin/mypy bench tests/bench
 
 unit: setup-test
 	.venv/bin/pytest -ra -m "not slow"
+
+bench: setup
+	bash scripts/bench-setup.sh
+	.venv/bin/python -m bench.run
+
+bench-quick: setup
+	bash scripts/bench-setup.sh
+	.venv/bin/python -m bench.run --quick
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache

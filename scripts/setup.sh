@@ -17,6 +17,7 @@ have_cmd qemu-storage-daemon || need+=(qemu-system-x86)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 if [ "$mode" = test ]; then
   have_cmd rsync || need+=(rsync)
+  [ -x /usr/bin/time ] || need+=(time)
 fi
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
