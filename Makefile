@@ -5,7 +5,7 @@ demo: setup
 	.venv/bin/siterecovery demo
 
 test: setup-test
-	.venv/bin/ruff check siterecovery tests bench
+	.venv/bin/ruff check siterecovery tests bench scripts
 	.venv/bin/mypy
 	.venv/bin/mypy bench tests/bench
 	.venv/bin/pytest -ra
@@ -17,7 +17,7 @@ setup-test:
 	bash scripts/setup.sh test
 
 lint: setup-test
-	.venv/bin/ruff check siterecovery tests bench
+	.venv/bin/ruff check siterecovery tests bench scripts
 	.venv/bin/ruff format --check siterecovery tests bench
 	.venv/bin/mypy
 	.venv/bin/mypy bench tests/bench
