@@ -20,8 +20,8 @@ What garbage collection does with a **live** lease (``now < expires + LEASE_SKEW
 * ``dedup``: the holder may reuse an existing chunk it did not write (a base writer finds it
   with ``stat`` and skips the upload). While such a lease lives, no chunk is deleted: an
   unreferenced chunk may be about to be referenced.
-* purposes ``compaction`` and ``prune`` are **exclusive per VM**: two of them for one VM do
-  not run at once (the second gets :class:`LeaseConflict`).
+* purposes ``compaction`` and ``prune`` are **exclusive per VM**: no two of them (of
+  either purpose) run at once for one VM (the second gets :class:`LeaseConflict`).
 
 The handshake with GC (each side puts its lease, then lists the others, so at least one
 side sees the other): GC puts a ``gc`` lease before its final listing of leases and its
@@ -115,8 +115,8 @@ class LeaseInfo:
         """True if ``other`` may not run while this lease lives."""
         return (
             self.id != other.id
-            and self.purpose == other.purpose
             and self.purpose in EXCLUSIVE_PURPOSES
+            and other.purpose in EXCLUSIVE_PURPOSES
             and self.vm == other.vm
         )
 
@@ -285,8 +285,8 @@ def _honour_others(
                 raise LeaseConflict(
                     f"cannot start {me.purpose}"
                     + (f" of VM {me.vm}" if me.vm else "")
-                    + f": {other.owner or 'another process'} holds lease {other.key} "
-                    f"until {utc_text(other.expires)}"
+                    + f": {other.owner or 'another process'} holds a {other.purpose} lease "
+                    f"{other.key} until {utc_text(other.expires)}"
                 )
         sweeping = [o for o in others if o.purpose == "gc"]
         if me.purpose == "gc" or not sweeping:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from siterecovery.domain import Consistency
-from siterecovery.store import DiskChain, ReplicaStore, StoreInputError
+from siterecovery.store import DiskChain, ReplicaStore, StoreInputError, StoreKeys
 from siterecovery.store.leases import list_leases
 from siterecovery.store.memory import MemoryBackend
 from siterecovery.store.retention import (
@@ -19,8 +21,20 @@ from siterecovery.store.retention import (
     select_expired,
 )
 
+from .conftest import BACKEND_MAKERS, BLOCK
+
 NOW = datetime(2024, 5, 2, 12, 30, tzinfo=UTC)
 A, C = Consistency.APP, Consistency.CRASH
+
+
+@pytest.fixture(params=["file", "memory"])
+def store(
+    request: pytest.FixtureRequest, tmp_path: Path, keys: StoreKeys
+) -> Iterator[ReplicaStore]:
+    """Overrides the conftest fixture: only the fast local backends here (the object-store
+    backends run in the garbage collection tests)."""
+    with BACKEND_MAKERS[request.param](tmp_path) as url:
+        yield ReplicaStore.init(url, keys, block_size=BLOCK, workers=2)
 
 
 def at(text: str) -> datetime:
@@ -119,8 +133,10 @@ def test_random_timelines_keep_the_invariants() -> None:
         assert select_expired(kept, policy, NOW) == []
 
 
-@pytest.mark.parametrize(("retention", "keep_all"), [(0, 0), (-1, 0), (5, 6), (5, -1),
-                                                     (float("nan"), 0), (24, float("inf"))])  # fmt: skip
+BAD_POLICIES = [(0, 0), (-1, 0), (5, 6), (5, -1), (float("nan"), 0), (24, float("inf"))]
+
+
+@pytest.mark.parametrize(("retention", "keep_all"), BAD_POLICIES)
 def test_invalid_policy_is_refused(retention: float, keep_all: float) -> None:
     with pytest.raises(StoreInputError):
         RetentionPolicy(retention, keep_all)
