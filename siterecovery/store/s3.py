@@ -85,6 +85,14 @@ _TRANSIENT_CODES = {
     "OperationAborted",
 }
 
+#: (endpoint, bucket) pairs whose server was proven to honour If-None-Match: *.
+_CONDITIONAL_OK: set[tuple[str | None, str]] = set()
+_PROBE_LOCK = threading.Lock()
+#: boto3 clients by configuration: building one loads the service model (~0.5 s), and
+#: clients are thread-safe, so backends with the same settings share one.
+_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
 #: Called after each part of a multipart upload: (part number, part bytes).
 PartHook = Callable[[int, int], None]
 
@@ -152,8 +160,6 @@ class S3Backend:
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.on_part: PartHook | None = None
-        self._conditional_checked = False
-        self._probe_lock = threading.Lock()
         self._client = client or _make_client(
             endpoint_url=endpoint_url,
             region=region,
@@ -281,11 +287,13 @@ class S3Backend:
             pass
 
     def _check_conditional_writes(self) -> None:
-        """Once per backend, prove the server honours ``If-None-Match: *`` (module doc)."""
-        if self._conditional_checked:
+        """Once per process and endpoint, prove the server honours ``If-None-Match: *``
+        (module docstring)."""
+        server = (self.endpoint_url, self.bucket)
+        if server in _CONDITIONAL_OK:
             return
-        with self._probe_lock:
-            if self._conditional_checked:
+        with _PROBE_LOCK:
+            if server in _CONDITIONAL_OK:
                 return
             probe = f"{self._root}.siterecovery-probe-{uuid.uuid4().hex}"
             try:
@@ -303,7 +311,7 @@ class S3Backend:
                     f"the S3 server of {self.url} ignores If-None-Match: *, so a create-only "
                     "put could overwrite an object; refusing to write"
                 )
-            self._conditional_checked = True
+            _CONDITIONAL_OK.add(server)
 
     def _probe_refused(self, probe: str) -> bool:
         try:
@@ -397,7 +405,33 @@ def _is_store_key(key: str) -> bool:
     return True
 
 
-def _make_client(
+def _make_client(**settings: Any) -> Any:
+    """A boto3 S3 client for ``settings`` (see :func:`_build_client`), shared by backends
+    with the same settings and the same credential environment."""
+    env = tuple(os.environ.get(name) for name in _CREDENTIAL_ENV)
+    cache_key = (*sorted(settings.items()), env)
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(cache_key)
+        if client is None:
+            client = _CLIENTS[cache_key] = _build_client(**settings)
+    return client
+
+
+#: Environment variables boto3's credential chain reads; part of the client cache key so a
+#: changed environment gets a new client.
+_CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+def _build_client(
     *,
     endpoint_url: str | None,
     region: str | None,
