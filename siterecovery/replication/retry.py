@@ -11,9 +11,10 @@ Two pure pieces, used by every replication path (cycles, initial copy, resync):
        (``ChangeLogTooLarge``) → *resync required* (recoverable: the resync fixes it);
     2. the seed's named non-recoverable cases → **non-recoverable**: disk chain corrupted
        (``IntegrityError``), invalid replica state (``FormatError``, ``ObjectNotFound``,
-       ``VerificationFailed``), authentication failed (``WrongKey``, ``KeyFileError``, an
-       error named ``*Auth*``), authorization failed (``EACCES``/``EPERM``, an error named
-       ``*Denied*``/``*Forbidden*``), VM not found (``VmNotFound``, ``UnknownVm``);
+       ``ContainerNotFound``, ``VerificationFailed``), authentication failed
+       (``StoreAuthError``: HTTP 401/403 or bad credentials; ``WrongKey``, ``KeyFileError``),
+       authorization failed (``EACCES``/``EPERM``), VM not found (``VmNotFound``,
+       ``UnknownVm``);
     3. the seed's named recoverable cases → **recoverable**: network errors (``NbdError``,
        ``StoreUnavailable``, a lost QMP monitor, ``ConnectionError``, ``TimeoutError``), low
        disk space (``StoreFull``, ``ENOSPC``/``EDQUOT``), low memory (``MemoryError``,
@@ -50,6 +51,7 @@ from siterecovery.store.errors import (
     StoreUnavailable,
     WrongKey,
 )
+from siterecovery.store.wrappers import ContainerNotFound, StoreAuthError
 from siterecovery.vault.errors import UnknownVm
 from siterecovery.vault.states import ErrorClass
 
@@ -132,16 +134,15 @@ def _named_case(exc: BaseException) -> Diagnosis | None:
 
 
 def _non_recoverable_case(err: BaseException) -> Diagnosis | None:
-    name = type(err).__name__.lower()
     if isinstance(err, VmNotFound | UnknownVm):
         return Diagnosis(N, "VM not found")
     if isinstance(err, IntegrityError):
         return Diagnosis(N, "disk chain corrupted")
-    if isinstance(err, FormatError | ObjectNotFound | VerificationFailed):
+    if isinstance(err, FormatError | ObjectNotFound | ContainerNotFound | VerificationFailed):
         return Diagnosis(N, "invalid replica state")
-    if isinstance(err, WrongKey | KeyFileError) or "auth" in name:
+    if isinstance(err, StoreAuthError | WrongKey | KeyFileError):
         return Diagnosis(N, "authentication failed")
-    if "denied" in name or "forbidden" in name or _errno(err) in _DENIED:
+    if _errno(err) in _DENIED:
         return Diagnosis(N, "authorization failed")
     return None
 

@@ -15,11 +15,11 @@ from siterecovery.store.errors import (
     FormatError,
     IntegrityError,
     ObjectNotFound,
-    StoreError,
     StoreFull,
     StoreUnavailable,
     WrongKey,
 )
+from siterecovery.store.wrappers import ContainerNotFound, StoreAuthError
 from siterecovery.vault.errors import DatabaseUnavailable, UnknownVm
 from siterecovery.vault.states import ErrorClass
 
@@ -59,16 +59,6 @@ def _raised_from(outer: SiteRecoveryError, inner: BaseException) -> SiteRecovery
         return caught
 
 
-class StoreAuthenticationFailed(StoreError):
-    """What a cloud backend raises for bad credentials (named *Auth*)."""
-
-
-class AccessDenied(StoreError):
-    """What a cloud backend raises for a missing permission."""
-
-    recoverable = True  # even if a backend says so, the seed's rule wins
-
-
 def _qmp_lost() -> QmpError:
     return _raised_from(QmpError("QMP query-block failed: monitor went away"),
                         ConnectionResetError("reset"))  # type: ignore[return-value]
@@ -84,8 +74,9 @@ def _qmp_lost() -> QmpError:
         (FormatError("newer format"), N, "invalid replica state", False),
         (ObjectNotFound("segment gone"), N, "invalid replica state", False),
         (WrongKey("not this store's key"), N, "authentication failed", False),
-        (StoreAuthenticationFailed("401"), N, "authentication failed", False),
-        (AccessDenied("403"), N, "authorization failed", False),
+        (StoreAuthError("access denied (403)"), N, "authentication failed", False),
+        (ContainerNotFound("no bucket"), N, "invalid replica state", False),
+        (PermissionError(errno.EACCES, "Permission denied"), N, "authorization failed", False),
         (VmNotFound("no VM"), N, "VM not found", False),
         (UnknownVm("no VM"), N, "VM not found", False),
         (StoreUnavailable("connection refused"), R, "network error", False),
