@@ -356,7 +356,7 @@ class SeaweedFSServer(RealServer):
 
     def ready(self) -> bool:
         # Ready means writable: the S3 gateway answers before the volume server has joined.
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
         client = self.client()
         try:
