@@ -1,0 +1,209 @@
+"""The operators' API (``/v1``): inventory, policies, protection, status, points, jobs, access.
+
+Thin views: each checks the caller's role (reader < operator < admin), calls one vault
+service and returns its frozen record; every error is mapped by the app in one place.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, status
+from pydantic import BaseModel
+from sqlalchemy import select
+
+from siterecovery.api import deps
+from siterecovery.api.deps import ADMIN, DB, OPERATOR, OPTIONS, READER, VaultOptions
+from siterecovery.api.errors import NotImplementedYet
+from siterecovery.api.schemas import (
+    NAME_PATTERN,
+    AssignPolicy,
+    FailoverRequest,
+    PolicyCreate,
+    PolicySettings,
+    ProtectRequest,
+    RegistrationKeyCreate,
+    SiteCreate,
+    TokenCreate,
+)
+from siterecovery.domain import JobState
+from siterecovery.vault import access, jobs, points, service, work
+from siterecovery.vault.access import Principal, TokenRecord
+from siterecovery.vault.db import Database
+from siterecovery.vault.models import Site
+from siterecovery.vault.records import (
+    JobRecord,
+    PointRecord,
+    PolicyRecord,
+    ReplicatedVmRecord,
+    SiteRecord,
+    VmRecord,
+)
+from siterecovery.vault.work import HostStatus, VmStatus
+
+router = APIRouter(prefix="/v1")
+VmName = Annotated[str, Query(pattern=NAME_PATTERN, max_length=63)]
+
+
+class CreatedSecret(BaseModel):
+    """A secret shown once: a new API token or registration key."""
+
+    name: str
+    secret: str
+    expires_at: datetime | None
+
+
+@router.get("/sites", response_model=list[SiteRecord], tags=["inventory"])
+def list_sites(db: Database = DB, _: Principal = READER) -> list[SiteRecord]:
+    with db.transaction(write=False) as txn:
+        return [SiteRecord.of(s) for s in txn.scalars(select(Site).order_by(Site.name))]
+
+
+@router.post("/sites", response_model=SiteRecord, status_code=201, tags=["inventory"])
+def create_site(body: SiteCreate, db: Database = DB, _: Principal = ADMIN) -> SiteRecord:
+    return service.ensure_site(db, name=body.name, role=body.role)
+
+
+@router.get("/hosts", response_model=list[HostStatus], tags=["inventory"])
+def list_hosts(
+    db: Database = DB, opts: VaultOptions = OPTIONS, _: Principal = READER
+) -> list[HostStatus]:
+    return work.list_hosts(db, heartbeat_timeout_s=opts.heartbeat_timeout_s)
+
+
+@router.get("/vms", response_model=list[VmRecord], tags=["inventory"])
+def list_vms(
+    host: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    db: Database = DB,
+    _: Principal = READER,
+) -> list[VmRecord]:
+    return service.list_vms(db, host=host)
+
+
+@router.get("/vms/{vm}", response_model=VmRecord, tags=["inventory"])
+def get_vm(vm: str, db: Database = DB, _: Principal = READER) -> VmRecord:
+    return service.get_vm(db, name=vm)
+
+
+@router.get("/policies", response_model=list[PolicyRecord], tags=["policies"])
+def list_policies(db: Database = DB, _: Principal = READER) -> list[PolicyRecord]:
+    return service.list_policies(db)
+
+
+@router.get("/policies/{name}", response_model=PolicyRecord, tags=["policies"])
+def get_policy(name: str, db: Database = DB, _: Principal = READER) -> PolicyRecord:
+    return service.get_policy(db, name=name)
+
+
+@router.post("/policies", response_model=PolicyRecord, status_code=201, tags=["policies"])
+def create_policy(body: PolicyCreate, db: Database = DB, _: Principal = OPERATOR) -> PolicyRecord:
+    return service.create_policy(db, **body.model_dump())
+
+
+@router.patch("/policies/{name}", response_model=PolicyRecord, tags=["policies"])
+def update_policy(
+    name: str, body: PolicySettings, db: Database = DB, _: Principal = OPERATOR
+) -> PolicyRecord:
+    return work.update_policy(db, name=name, changes=body.model_dump(exclude_unset=True))
+
+
+@router.put("/vms/{vm}/policy", response_model=ReplicatedVmRecord, tags=["protection"])
+def assign_policy(
+    vm: str, body: AssignPolicy, db: Database = DB, _: Principal = OPERATOR
+) -> ReplicatedVmRecord:
+    return work.assign_policy(db, vm=vm, policy=body.policy)
+
+
+@router.post(
+    "/vms/{vm}/protect", response_model=JobRecord, status_code=202, tags=["protection"]
+)
+def protect(vm: str, body: ProtectRequest, db: Database = DB, _: Principal = OPERATOR) -> JobRecord:
+    """Enable protection: answers with the pending job, which the VM's agent runs."""
+    return service.protect(db, vm=vm, policy=body.policy).job
+
+
+@router.post(
+    "/vms/{vm}/unprotect", response_model=JobRecord, status_code=202, tags=["protection"]
+)
+def unprotect(vm: str, db: Database = DB, _: Principal = OPERATOR) -> JobRecord:
+    """Disable protection: answers with the pending job, which the VM's agent runs."""
+    return service.unprotect(db, vm=vm)
+
+
+@router.post("/vms/{vm}/failover", status_code=202, tags=["recovery"])
+def failover(
+    vm: str, body: FailoverRequest, db: Database = DB, _: Principal = OPERATOR
+) -> None:
+    """Fail a VM over. Not served yet: recovery agents do not claim failover work."""
+    service.get_protection(db, vm=vm)
+    raise NotImplementedYet(
+        f"{body.kind} failover through the vault API is not available yet",
+        hint="run `siterecovery failover VM --unplanned` on the vault's host",
+    )
+
+
+@router.get("/status", response_model=list[VmStatus], tags=["status"])
+def get_status(
+    vm: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    db: Database = DB,
+    opts: VaultOptions = OPTIONS,
+    _: Principal = READER,
+) -> list[VmStatus]:
+    """Replicated VMs with state, health and reasons, RPO, last cycle and throughput."""
+    return work.status(db, vm=vm, heartbeat_timeout_s=opts.heartbeat_timeout_s)
+
+
+@router.get("/vms/{vm}/points", response_model=list[PointRecord], tags=["status"])
+def list_points(vm: str, db: Database = DB, _: Principal = READER) -> list[PointRecord]:
+    return points.list_points(db, vm=vm)
+
+
+@router.get("/jobs", response_model=list[JobRecord], tags=["jobs"])
+def list_jobs(
+    vm: VmName | None = None,
+    state: JobState | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    db: Database = DB,
+    _: Principal = READER,
+) -> list[JobRecord]:
+    return jobs.list_jobs(db, vm=vm, state=state, limit=limit)
+
+
+@router.get("/jobs/{job_id}", response_model=JobRecord, tags=["jobs"])
+def get_job(job_id: str, db: Database = DB, _: Principal = READER) -> JobRecord:
+    return jobs.get_job(db, job=job_id)
+
+
+@router.get("/tokens", response_model=list[TokenRecord], tags=["access"])
+def list_tokens(db: Database = DB, _: Principal = ADMIN) -> list[TokenRecord]:
+    return access.list_tokens(db)
+
+
+@router.post("/tokens", response_model=CreatedSecret, status_code=201, tags=["access"])
+def create_token(body: TokenCreate, db: Database = DB, _: Principal = ADMIN) -> CreatedSecret:
+    record, secret = access.create_token(db, name=body.name, role=body.role, ttl_s=body.ttl_s)
+    return CreatedSecret(name=record.name, secret=secret, expires_at=record.expires_at)
+
+
+@router.delete("/tokens/{name}", response_model=TokenRecord, tags=["access"])
+def revoke_token(name: str, db: Database = DB, _: Principal = ADMIN) -> TokenRecord:
+    return access.revoke_token(db, name=name)
+
+
+@router.post(
+    "/registration-keys", response_model=CreatedSecret, status_code=201, tags=["access"]
+)
+def create_registration_key(
+    body: RegistrationKeyCreate, db: Database = DB, _: Principal = ADMIN
+) -> CreatedSecret:
+    secret, expires = access.create_registration_key(
+        db, site=body.site, role=body.site_role, ttl_s=body.ttl_s
+    )
+    return CreatedSecret(name=body.site, secret=secret, expires_at=expires)
+
+
+@router.get("/whoami", tags=["access"], status_code=status.HTTP_200_OK)
+def whoami(who: Principal = Depends(deps.caller)) -> dict[str, str | None]:
+    """The caller as the vault sees it."""
+    return {"name": who.name, "role": who.role, "host": who.host}

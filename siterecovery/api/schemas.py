@@ -1,0 +1,155 @@
+"""Request bodies of the vault API: the shapes FastAPI validates before any service runs.
+
+Pydantic stops here: views pass plain values to the vault services, which validate again
+(ranges, names) and raise domain errors. Free texts refuse NUL characters, which PostgreSQL
+cannot store; integers are bounded so no database ever overflows.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from siterecovery.domain import Consistency, ReplicationState
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
+Text = Annotated[str, Field(min_length=1, max_length=10_000, pattern=r"^[^\x00]*$")]
+Session = Annotated[str, Field(pattern=r"^[0-9a-fA-F-]{32,36}$", description="agent session")]
+MAX_BYTES = (1 << 62) - 1
+
+
+class Body(BaseModel):
+    """Base of every request body: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SiteCreate(Body):
+    name: Name
+    role: Literal["primary", "recovery"] = "primary"
+
+
+class PolicySettings(Body):
+    """Every policy setting optional: the body of an update."""
+
+    copy_frequency_s: Literal[30, 300, 900] | None = None
+    retention_h: Annotated[int, Field(ge=1, le=8760)] | None = None
+    app_consistent_h: Annotated[int, Field(ge=0, le=12)] | None = None
+    resync_window: Annotated[str, Field(pattern=r"^\d\d:\d\d-\d\d:\d\d$")] | None = None
+    encryption: bool | None = None
+    bandwidth_work_mbps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    bandwidth_offhours_mbps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+
+
+class PolicyCreate(Body):
+    name: Name
+    copy_frequency_s: Literal[30, 300, 900] = 300
+    retention_h: Annotated[int, Field(ge=1, le=8760)] = 24
+    app_consistent_h: Annotated[int, Field(ge=0, le=12)] = 0
+    resync_window: Annotated[str, Field(pattern=r"^\d\d:\d\d-\d\d:\d\d$")] = "18:30-06:00"
+    encryption: bool = False
+    bandwidth_work_mbps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    bandwidth_offhours_mbps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+
+
+class ProtectRequest(Body):
+    policy: Name
+
+
+class AssignPolicy(Body):
+    policy: Name
+
+
+class FailoverRequest(Body):
+    kind: Literal["test", "planned", "unplanned"]
+    point: Name | None = None
+
+
+class TokenCreate(Body):
+    name: Name
+    role: Literal["reader", "operator", "admin"]
+    ttl_s: Annotated[int, Field(ge=1, le=10 * 365 * 86400)] | None = None
+
+
+class RegistrationKeyCreate(Body):
+    site: Name
+    site_role: Literal["primary", "recovery"] = "primary"
+    ttl_s: Annotated[int, Field(ge=1, le=5 * 86400)] = 86400
+
+
+class RegisterRequest(Body):
+    key: Annotated[str, Field(min_length=1, max_length=200)]
+    host: Name
+
+
+class HeartbeatRequest(Body):
+    session: Session
+
+
+class DiskIn(Body):
+    name: Name
+    size: Annotated[int, Field(ge=1, le=MAX_BYTES)]
+    node_name: Annotated[str, Field(max_length=255, pattern=r"^[^\x00]*$")] = ""
+    path: Annotated[str, Field(max_length=4096, pattern=r"^[^\x00]*$")] = ""
+    fmt: Literal["qcow2", "raw"] = "qcow2"
+
+
+class DiscoveredVm(Body):
+    name: Name
+    config: dict[str, Any] = Field(default_factory=dict)
+    disks: Annotated[list[DiskIn], Field(max_length=64)]
+
+
+class DiscoveryReport(Body):
+    vms: Annotated[list[DiscoveredVm], Field(max_length=1000)]
+
+
+class ClaimRequest(Body):
+    session: Session
+    limit: Annotated[int, Field(ge=1, le=64)] = 4
+    lease_s: Annotated[int, Field(ge=5, le=86400)] = 300
+
+
+class LeaseRequest(Body):
+    session: Session
+    lease_s: Annotated[int, Field(ge=5, le=86400)] = 300
+
+
+class TaskEvent(Body):
+    """What happened to a job's task: ``start``, ``progress``, ``finish`` or ``fail``."""
+
+    action: Literal["start", "progress", "finish", "fail"]
+    progress: Annotated[int, Field(ge=0, le=100)] = 0
+    details: dict[str, Any] = Field(default_factory=dict)
+    error: Text | None = None
+
+
+class TransitionRequest(Body):
+    to_state: ReplicationState
+    reason: Text
+
+
+class PointIn(Body):
+    point_id: Name
+    created_at: AwareDatetime
+    consistency: Consistency
+    manifest_key: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[^\x00]*$")]
+    bytes_shipped: Annotated[int, Field(ge=0, le=MAX_BYTES)] = 0
+    figures: dict[str, Any] = Field(default_factory=dict)
+
+
+class FailureIn(Body):
+    message: Text
+    recoverable: bool
+    resync: bool = False
+    next_retry_at: AwareDatetime | None = None
+
+
+class CycleReport(Body):
+    """The outcome of a claimed cycle: a recorded ``point``, or a ``failure``."""
+
+    session: Session
+    point: PointIn | None = None
+    failure: FailureIn | None = None

@@ -1,0 +1,375 @@
+"""What agents do for the vault: claiming due work under leases, and what the vault shows back.
+
+The vault decides when work is due; agents claim it (DESIGN §2):
+
+- a pending or running *enable protection* / *disable protection* job of one of the host's
+  VMs is due at once;
+- a *protected* VM is due for a **cycle** one copy interval after its last cycle (at once if
+  it never had one), and not before ``next_retry_at`` after a recoverable failure; a
+  non-recoverable last error stops its cycles until an operator acts.
+
+A claim takes a :class:`WorkLease` on the VM, so no VM is ever worked on twice at a time; the
+lease ends when the agent reports the outcome, or expires after ``lease_s`` (an agent that
+died). Since the next cycle is due one interval after the *end* of the last one, a slow cycle
+delays the next instead of piling cycles up. On PostgreSQL the candidates are read with
+``FOR UPDATE SKIP LOCKED``, so several vault processes hand out each VM once; on SQLite the
+claim's write transaction (``BEGIN IMMEDIATE``) serializes claims.
+
+When an agent restarts it claims with a new ``session``: leases its host held under another
+session are stale and handed back at once, marked ``resumed`` so the agent cleans up first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, or_, select
+from sqlalchemy.orm import Session
+
+from siterecovery.domain import Health, JobState, ReplicationState
+from siterecovery.errors import InputError
+from siterecovery.vault import checks, rows
+from siterecovery.vault.auth_models import WorkLease
+from siterecovery.vault.db import Database
+from siterecovery.vault.models import Host, Job, Policy, RecoveryPoint, ReplicatedVm, Vm
+from siterecovery.vault.records import HostRecord, PolicyRecord, ReplicatedVmRecord
+from siterecovery.vault.service import (
+    DISABLE_PROTECTION,
+    ENABLE_PROTECTION,
+    _check_policy,
+)
+from siterecovery.vault.states import (
+    REPLICATING_STATES,
+    ErrorClass,
+    compute_health,
+    default_rpo_threshold_s,
+    parse_window,
+)
+
+CYCLE = "cycle"
+JOB_KINDS = (ENABLE_PROTECTION, DISABLE_PROTECTION)
+MAX_CLAIM = 64
+DEFAULT_LEASE_S = 300
+S = ReplicationState
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One piece of claimed work. ``job_id``/``details`` are set for job kinds."""
+
+    kind: str
+    vm: str
+    relationship_id: str | None
+    policy: str | None
+    job_id: str | None
+    latest_point_id: str | None
+    resumed: bool
+    lease_expires_at: datetime
+    details: dict[str, Any]
+
+
+def claim_work(
+    db: Database, /, *, host: str, session: str, limit: int = 4, lease_s: int = DEFAULT_LEASE_S
+) -> list[WorkItem]:
+    """Lease up to ``limit`` due pieces of work of ``host`` to the agent ``session``."""
+    checks.uuid_text("agent session", session)
+    checks.integer("claim limit", limit, low=1, high=MAX_CLAIM)
+    checks.integer("lease (seconds)", lease_s, low=5, high=86400)
+    with db.transaction() as txn:
+        host_row = rows.host(txn, host)
+        now = db.now()
+        leases = {
+            lease.vm_id: lease
+            for lease in txn.scalars(select(WorkLease).where(WorkLease.host_id == host_row.id))
+        }
+        items: list[WorkItem] = []
+        for job in _due_jobs(txn, host_row):
+            if len(items) < limit and job.vm is not None:
+                _take(txn, items, leases, job.vm, now, session, lease_s, job=job)
+        for row in _due_cycles(txn, host_row, now):
+            if len(items) < limit and row.vm.name not in {i.vm for i in items}:
+                _take(txn, items, leases, row.vm, now, session, lease_s, replicated=row)
+        return items
+
+
+def _due_jobs(txn: Session, host: Host) -> list[Job]:
+    query = (
+        select(Job)
+        .join(Vm, Job.vm_id == Vm.id)
+        .where(Vm.host_id == host.id, Job.kind.in_(JOB_KINDS))
+        .where(Job.state.in_([JobState.PENDING, JobState.RUNNING]))
+        .order_by(Job.created_at, Job.id)
+        .with_for_update(skip_locked=True, of=Job)
+    )
+    return list(txn.scalars(query))
+
+
+def _due_cycles(txn: Session, host: Host, now: datetime) -> list[ReplicatedVm]:
+    query = (
+        select(ReplicatedVm)
+        .join(Vm, ReplicatedVm.vm_id == Vm.id)
+        .where(Vm.host_id == host.id, ReplicatedVm.state == S.PROTECTED)
+        .where(or_(ReplicatedVm.error_class.is_(None),
+                   ReplicatedVm.error_class != ErrorClass.NON_RECOVERABLE))
+        .where(or_(ReplicatedVm.next_retry_at.is_(None), ReplicatedVm.next_retry_at <= now))
+        .order_by(ReplicatedVm.last_cycle_at.is_not(None), ReplicatedVm.last_cycle_at)
+        .with_for_update(skip_locked=True, of=ReplicatedVm)
+    )  # fmt: skip
+    due = []
+    for row in txn.scalars(query):
+        interval = timedelta(seconds=row.policy.copy_frequency_s)
+        if row.last_cycle_at is None or row.last_cycle_at + interval <= now:
+            due.append(row)
+    return due
+
+
+def _take(
+    txn: Session,
+    items: list[WorkItem],
+    leases: dict[int, WorkLease],
+    vm: Vm,
+    now: datetime,
+    session: str,
+    lease_s: int,
+    *,
+    job: Job | None = None,
+    replicated: ReplicatedVm | None = None,
+) -> None:
+    lease = leases.get(vm.id)
+    if lease is not None and lease.session == session and lease.expires_at > now:
+        return  # this agent is working on it right now
+    resumed = lease is not None
+    if lease is None:
+        lease = WorkLease(vm=vm, host=vm.host, session=session)
+        txn.add(lease)
+        leases[vm.id] = lease
+    kind = job.kind if job is not None else CYCLE
+    lease.session, lease.kind, lease.job_id = session, kind, job.id if job else None
+    lease.claimed_at, lease.expires_at = now, now + timedelta(seconds=lease_s)
+    replicated = replicated or vm.replicated
+    items.append(
+        WorkItem(
+            kind=kind,
+            vm=vm.name,
+            relationship_id=replicated.relationship_id if replicated else None,
+            policy=replicated.policy.name if replicated else None,
+            job_id=job.id if job else None,
+            latest_point_id=replicated.last_point_id if replicated else None,
+            resumed=resumed,
+            lease_expires_at=lease.expires_at,
+            details=dict(job.details) if job else {},
+        )
+    )
+
+
+def extend_lease(
+    db: Database, /, *, host: str, session: str, vm: str, lease_s: int = DEFAULT_LEASE_S
+) -> datetime | None:
+    """Push the lease of ``vm`` held by ``session`` to now + ``lease_s``; None if not held."""
+    checks.integer("lease (seconds)", lease_s, low=5, high=86400)
+    with db.transaction() as txn:
+        lease = _lease(txn, host, session, vm)
+        if lease is None:
+            return None
+        lease.expires_at = db.now() + timedelta(seconds=lease_s)
+        return lease.expires_at
+
+
+def release_lease(db: Database, /, *, host: str, session: str, vm: str) -> bool:
+    """End the lease of ``vm`` if ``session`` holds it; whether it did."""
+    with db.transaction() as txn:
+        lease = _lease(txn, host, session, vm)
+        if lease is None:
+            return False
+        txn.execute(delete(WorkLease).where(WorkLease.vm_id == lease.vm_id))
+        return True
+
+
+def _lease(txn: Session, host: str, session: str, vm: str) -> WorkLease | None:
+    checks.uuid_text("agent session", session)
+    vm_row = rows.vm(txn, vm)
+    lease = txn.get(WorkLease, vm_row.id, with_for_update=True)
+    if lease is None or lease.session != session or lease.host.name != host:
+        return None
+    return lease
+
+
+# ---- policies: update and assign -----------------------------------------------------------
+
+
+_POLICY_FIELDS = (
+    "copy_frequency_s", "retention_h", "app_consistent_h", "resync_window", "encryption",
+    "bandwidth_work_mbps", "bandwidth_offhours_mbps",
+)  # fmt: skip
+
+
+def update_policy(db: Database, /, *, name: str, changes: dict[str, Any]) -> PolicyRecord:
+    """Change some settings of the policy ``name`` (keys of :data:`_POLICY_FIELDS`).
+
+    The result is validated like :func:`service.create_policy`; VMs using the policy follow
+    it from their next cycle. Encryption cannot change once set (existing data stays as it
+    was written), so changing it is refused.
+    """
+    unknown = sorted(set(changes) - set(_POLICY_FIELDS))
+    if unknown:
+        raise InputError(f"unknown policy settings {unknown}")
+    with db.transaction() as txn:
+        row = rows.policy(txn, name)
+        merged = {f: getattr(row, f) for f in _POLICY_FIELDS} | changes
+        _check_policy(merged["copy_frequency_s"], merged["retention_h"],
+                      merged["app_consistent_h"])  # fmt: skip
+        parse_window(merged["resync_window"])
+        if merged["encryption"] != row.encryption:
+            raise InputError(
+                f"policy {name!r}: encryption cannot be changed after creation",
+                hint="create a new policy with the encryption you want and assign it",
+            )
+        for label in ("bandwidth_work_mbps", "bandwidth_offhours_mbps"):
+            if merged[label] is not None:
+                checks.integer(label, merged[label], low=1)
+        for field, value in merged.items():
+            setattr(row, field, value)
+        return PolicyRecord.of(row)
+
+
+def assign_policy(db: Database, /, *, vm: str, policy: str) -> ReplicatedVmRecord:
+    """Replicate the protected ``vm`` under ``policy`` from its next cycle on."""
+    with db.transaction() as txn:
+        row = rows.replicated(txn, vm, for_update=True)
+        row.policy = rows.policy(txn, policy)
+        return ReplicatedVmRecord.of(row)
+
+
+# ---- hosts and status ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    host: HostRecord
+    connected: bool
+    seconds_since_heartbeat: float | None
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    """What `siterecovery status` shows of a replicated VM, health computed at ``now``."""
+
+    vm: str
+    host: str
+    host_connected: bool
+    policy: str
+    state: ReplicationState
+    health: Health
+    health_reasons: tuple[str, ...]
+    rpo_s: float | None
+    rpo_threshold_s: float
+    last_point_id: str | None
+    last_cycle_at: datetime | None
+    last_cycle: dict[str, Any]
+    throughput_bps: float | None
+    last_error: str | None
+
+
+def list_hosts(db: Database, /, *, heartbeat_timeout_s: float) -> list[HostStatus]:
+    """Every host with whether it heartbeated within ``heartbeat_timeout_s``."""
+    with db.transaction(write=False) as txn:
+        now = db.now()
+        found = txn.scalars(select(Host).order_by(Host.name))
+        return [_host_status(h, now, heartbeat_timeout_s) for h in found]
+
+
+def _host_status(row: Host, now: datetime, timeout_s: float) -> HostStatus:
+    age = None if row.last_heartbeat is None else (now - row.last_heartbeat).total_seconds()
+    return HostStatus(HostRecord.of(row), age is not None and age <= timeout_s, age)
+
+
+def status(
+    db: Database, /, *, vm: str | None = None, heartbeat_timeout_s: float
+) -> list[VmStatus]:
+    """Replicated VMs (all, or ``vm``) with live RPO, health and the last cycle's figures."""
+    with db.transaction(write=False) as txn:
+        now = db.now()
+        query = select(ReplicatedVm).join(Vm, ReplicatedVm.vm_id == Vm.id).order_by(Vm.name)
+        if vm is not None:
+            query = query.where(ReplicatedVm.id == rows.replicated(txn, vm).id)
+        return [_vm_status(txn, r, now, heartbeat_timeout_s) for r in txn.scalars(query)]
+
+
+def _vm_status(txn: Session, row: ReplicatedVm, now: datetime, timeout_s: float) -> VmStatus:
+    point = txn.scalars(
+        select(RecoveryPoint).where(RecoveryPoint.vm_id == row.vm_id)
+        .order_by(RecoveryPoint.created_at.desc()).limit(1)
+    ).first()  # fmt: skip
+    rpo = None if point is None else max(0.0, (now - point.created_at).total_seconds())
+    threshold = float(default_rpo_threshold_s(_policy(row).copy_frequency_s))
+    health, reason = compute_health(row.state, rpo, threshold, row.error_class)
+    reasons = [reason]
+    host = _host_status(row.vm.host, now, timeout_s)
+    if not host.connected and row.state in REPLICATING_STATES:
+        health = Health.CRITICAL
+        seen = "never" if host.seconds_since_heartbeat is None else (
+            f"{host.seconds_since_heartbeat:.0f}s ago")
+        reasons.append(f"host {host.host.name!r} disconnected: last heartbeat {seen}")
+    figures = dict(point.figures) if point else {}
+    duration = figures.get("duration_s")
+    throughput = None
+    if isinstance(duration, int | float) and duration > 0 and point is not None:
+        throughput = point.bytes_shipped / duration
+    return VmStatus(
+        vm=row.vm.name, host=host.host.name, host_connected=host.connected,
+        policy=row.policy.name, state=row.state, health=health, health_reasons=tuple(reasons),
+        rpo_s=rpo, rpo_threshold_s=threshold, last_point_id=point.point_id if point else None,
+        last_cycle_at=row.last_cycle_at, last_cycle=figures, throughput_bps=throughput,
+        last_error=row.last_error,
+    )  # fmt: skip
+
+
+def _policy(row: ReplicatedVm) -> Policy:
+    return row.policy
+
+
+#: The seed's retry schedule for recoverable errors: 1, 2, 4, 8, 10 minutes, then 30.
+BACKOFF_S = (60, 120, 240, 480, 600)
+BACKOFF_LATER_S = 1800
+
+
+def backoff_s(attempts: int) -> int:
+    """Seconds to wait before retry number ``attempts`` (1-based) of a recoverable failure."""
+    checks.integer("attempts", attempts, low=1)
+    return BACKOFF_S[attempts - 1] if attempts <= len(BACKOFF_S) else BACKOFF_LATER_S
+
+
+def record_cycle_failure(
+    db: Database, /, *, vm: str, message: str, recoverable: bool, resync: bool
+) -> ReplicatedVmRecord:
+    """Record a failed cycle or job step of ``vm`` and move it where the failure leads.
+
+    A recoverable failure is retried on the :func:`backoff_s` schedule; ``resync`` (the
+    change log cannot be trusted) moves a protected VM to *resync required*; a
+    non-recoverable failure while enabling protection moves the VM to *error*.
+    """
+    from siterecovery.vault import service as service_
+
+    kind = ErrorClass.RECOVERABLE if recoverable else ErrorClass.NON_RECOVERABLE
+    current = service_.get_protection(db, vm=vm)
+    retry_at = None
+    if recoverable:
+        retry_at = db.now() + timedelta(seconds=backoff_s(current.attempts + 1))
+    record = points_failure(db, vm=vm, error=message, error_class=kind, next_retry_at=retry_at)
+    if resync and record.state == S.PROTECTED:
+        return service_.transition(db, vm=vm, to_state=S.RESYNC_REQUIRED, reason=message[:500])
+    if not recoverable and record.state in (S.ENABLING_PROTECTION, S.INITIAL_REPLICATION):
+        return service_.transition(db, vm=vm, to_state=S.ERROR, reason=message[:500])
+    return record
+
+
+def points_failure(
+    db: Database, /, *, vm: str, error: str, error_class: ErrorClass, next_retry_at: datetime | None
+) -> ReplicatedVmRecord:
+    from siterecovery.vault.points import record_failure
+
+    return record_failure(
+        db, vm=vm, error=error, error_class=error_class, next_retry_at=next_retry_at
+    )
