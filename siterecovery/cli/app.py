@@ -17,6 +17,7 @@ import typer
 from siterecovery import __version__
 from siterecovery.cli import output
 from siterecovery.cli.context import Env
+from siterecovery.cli.store_cmd import store_app_factory
 from siterecovery.domain import parse_duration
 from siterecovery.errors import InputError, SiteRecoveryError
 from siterecovery.settings import Settings
@@ -34,6 +35,7 @@ vm_app = typer.Typer(help="VMs known to the vault.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 app.add_typer(vault_app, name="vault")
 app.add_typer(vm_app, name="vm")
+app.add_typer(store_app_factory(lambda: current_env().settings), name="store")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
 WorkdirOption = Annotated[
@@ -46,11 +48,21 @@ WorkdirOption = Annotated[
 ]  # fmt: skip
 
 
+_current: list[Env] = []  # the Env of the running invocation, for sub-apps built by factories
+
+
 def _env(ctx: typer.Context) -> Env:
     env = ctx.obj
     if not isinstance(env, Env):
         raise InputError("internal: no settings")
     return env
+
+
+def current_env() -> Env:
+    """The Env of the command being run (set by the root callback)."""
+    if not _current:
+        raise InputError("internal: no command is running")
+    return _current[-1]
 
 
 def _show_version(value: bool) -> None:
@@ -71,6 +83,7 @@ def _root(
 ) -> None:
     env = Env(Settings.load(workdir))
     ctx.obj = env
+    _current.append(env)
     ctx.call_on_close(env.close)
 
 
