@@ -70,6 +70,7 @@ class VmRig:
     clock: Clock
     store: ReplicaStore
     protection: ProtectionService
+    keys: StoreKeys
     vm: QemuProcess | None = None
     sizes: dict[str, int] = field(default_factory=lambda: dict(SIZES))
     writers: dict[str, NbdClient] = field(default_factory=dict)
@@ -181,9 +182,10 @@ def make_rig(
     service.ensure_site(db, name="primary", role=SiteRole.PRIMARY)
     service.ensure_host(db, name="h1", site="primary")
     service.create_policy(db, name="gold", copy_frequency_s=30, retention_h=24)
-    store = ReplicaStore.init(store_url or f"file://{workdir / 'store'}", StoreKeys.generate())
+    keys = StoreKeys.generate()
+    store = ReplicaStore.init(store_url or f"file://{workdir / 'store'}", keys)
     protection = ProtectionService(db, store, workdir / "run", **options)  # type: ignore[arg-type]
-    rig = VmRig(workdir, db, clock, store, protection, sizes=dict(sizes or SIZES))
+    rig = VmRig(workdir, db, clock, store, protection, keys, sizes=dict(sizes or SIZES))
     rig.vmdir.mkdir(exist_ok=True)
     for disk, size in rig.sizes.items():
         image = rig.vmdir / f"{disk}.qcow2"
