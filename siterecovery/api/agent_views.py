@@ -139,7 +139,8 @@ def transition(
 def report_cycle(
     vm: str, body: CycleReport, db: Database = DB, host: str = AGENT
 ) -> CycleRecorded:
-    """Record a claimed cycle's point (with its figures) or its failure; ends the lease."""
+    """Record a claimed cycle's point (with its figures) or its failure; ends the lease
+    unless ``release_lease`` is false (the initial copy inside an enable protection job)."""
     require_own_vm(db, host, vm)
     if (body.point is None) == (body.failure is None):
         raise InputError("report exactly one of point or failure")
@@ -154,7 +155,8 @@ def report_cycle(
         f = body.failure
         work.record_cycle_failure(db, vm=vm, message=f.message, recoverable=f.recoverable,
                                   resync=f.resync)  # fmt: skip
-    work.release_lease(db, host=host, session=body.session, vm=vm)
+    if body.release_lease:
+        work.release_lease(db, host=host, session=body.session, vm=vm)
     return CycleRecorded(point=point, protection=service.get_protection(db, vm=vm))
 
 

@@ -153,3 +153,4 @@ class CycleReport(Body):
     session: Session
     point: PointIn | None = None
     failure: FailureIn | None = None
+    release_lease: bool = True

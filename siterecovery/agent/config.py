@@ -1,0 +1,105 @@
+"""The agent's configuration and credentials, and the registration key file.
+
+``WORKDIR/agent/`` holds::
+
+    agent.json      AgentConfig: vault URL, host name, store URL and key file, QMP globs...
+    credential      the host's own credential (0600), from registration
+    vault-ca.pem    the vault's CA certificate, pinned for every call
+
+A **registration key file** (made by `siterecovery registration-key create`, the seed's
+"vault credentials") is one JSON object: ``vault_url``, ``key`` (one-time, expiring),
+``site``, ``expires_at`` and ``ca_pem`` (the vault's CA certificate, which the agent pins).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from siterecovery.errors import InputError, NotFoundError
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What `agent run` needs. ``qmp_globs``: where the QEMU driver looks for VM sockets."""
+
+    vault_url: str
+    host: str
+    site: str
+    store_url: str
+    store_key_file: str
+    qmp_globs: list[str] = field(default_factory=list)
+    poll_s: float = 5.0
+    discover_every_s: float = 30.0
+    lease_s: int = 300
+    workers: int = 2
+
+    @staticmethod
+    def dir_of(workdir: Path) -> Path:
+        return workdir / "agent"
+
+    def save(self, workdir: Path, *, credential: str, ca_pem: str) -> None:
+        """Write the config, the credential (0600) and the pinned CA under ``workdir/agent``."""
+        root = self.dir_of(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        write_file(root / "credential", credential + "\n", 0o600)
+        write_file(root / "vault-ca.pem", ca_pem, 0o644)
+        write_file(root / "agent.json", json.dumps(asdict(self), indent=2) + "\n", 0o644)
+
+    @classmethod
+    def load(cls, workdir: Path) -> tuple[AgentConfig, str, Path]:
+        """The config, the credential and the CA file; NotFoundError if not registered."""
+        root = cls.dir_of(workdir)
+        if not (root / "agent.json").is_file():
+            raise NotFoundError(
+                f"no agent registered in {workdir}",
+                hint="run `siterecovery agent register --vault URL --key FILE` first",
+            )
+        doc = json.loads((root / "agent.json").read_text())
+        credential = (root / "credential").read_text().strip()
+        return cls(**doc), credential, root / "vault-ca.pem"
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    """A registration key file's contents."""
+
+    vault_url: str
+    key: str
+    site: str
+    expires_at: str
+    ca_pem: str
+
+    def save(self, path: Path) -> None:
+        write_file(path, json.dumps(asdict(self), indent=2) + "\n", 0o600)
+
+    @classmethod
+    def load(cls, path: Path) -> KeyFile:
+        """Read a key file; InputError naming what is wrong with it."""
+        try:
+            doc: Any = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"registration key file {path} not found") from exc
+        except (OSError, ValueError) as exc:
+            raise InputError(f"registration key file {path} is unreadable: {exc}") from exc
+        fields = ("vault_url", "key", "site", "expires_at", "ca_pem")
+        if not isinstance(doc, dict) or not all(isinstance(doc.get(f), str) for f in fields):
+            raise InputError(
+                f"{path} is not a registration key file",
+                hint="make one with `siterecovery registration-key create --site SITE`",
+            )
+        return cls(**{f: doc[f] for f in fields})
+
+
+def write_file(path: Path, text: str, mode: int) -> None:
+    """Write ``text`` to ``path`` atomically, created with ``mode`` (never wider)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
