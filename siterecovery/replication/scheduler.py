@@ -6,6 +6,9 @@ clock is the caller's, so tests never sleep) and returns one :class:`Due`:
 =============================  ===========================================================
 state / last error             due
 =============================  ===========================================================
+*resync required*              **resync** at the first instant inside the policy's resync
+                               window that is not before ``next_retry_at`` (a failed resync
+                               is retried on the same backoff schedule, inside the window)
 *error*, or a non-recoverable  nothing: an operator must act (fix the cause, then
 last error                     ``siterecovery resync VM``)
 *protected*, recoverable       **retry** at ``next_retry_at`` (the backoff schedule of
@@ -13,9 +16,6 @@ error being retried            :mod:`siterecovery.replication.retry`)
 *protected*                    **cycle** one copy interval after the last cycle (now if none)
 *initial replication*, with a  **retry** of the initial copy at ``next_retry_at``
 recoverable error
-*resync required*              **resync** at the first instant inside the policy's resync
-                               window that is not before ``next_retry_at`` (a failed resync
-                               is retried on the same backoff schedule, inside the window)
 anything else                  nothing (enabling, resyncing, failover phases...)
 =============================  ===========================================================
 
@@ -74,11 +74,12 @@ class VmSchedule:
 
 def decide(vm: VmSchedule, now: datetime) -> Due:
     """The next thing due for ``vm`` as seen at ``now`` (aware); see the module table."""
-    if vm.state == S.ERROR or vm.error_class == ErrorClass.NON_RECOVERABLE:
-        return Due(Action.NONE, None, "stopped on a non-recoverable error: an operator must act")
     if vm.state == S.RESYNC_REQUIRED:
+        # Checked first: an operator (or store verify) may mark a VM in error for resync.
         start = max(now, vm.next_retry_at) if vm.next_retry_at else now
         return Due(Action.RESYNC, next_in_window(vm.resync_window, start), "resync required")
+    if vm.state == S.ERROR or vm.error_class == ErrorClass.NON_RECOVERABLE:
+        return Due(Action.NONE, None, "stopped on a non-recoverable error: an operator must act")
     retrying = vm.error_class == ErrorClass.RECOVERABLE and vm.next_retry_at is not None
     if vm.state == S.INITIAL_REPLICATION and retrying:
         return Due(Action.RETRY, vm.next_retry_at, "retrying the initial copy")

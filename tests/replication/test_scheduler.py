@@ -41,6 +41,8 @@ def vm(state: S = S.PROTECTED, **kw: object) -> VmSchedule:
         (vm(S.RESYNC_REQUIRED), Action.RESYNC, at(18, 30)),
         (vm(S.RESYNC_REQUIRED, error_class=ErrorClass.RECOVERABLE, next_retry_at=at(19, 0)),
          Action.RESYNC, at(19, 0)),
+        (vm(S.RESYNC_REQUIRED, error_class=ErrorClass.NON_RECOVERABLE), Action.RESYNC,
+         at(18, 30)),
         (vm(S.INITIAL_REPLICATION, error_class=ErrorClass.RECOVERABLE, next_retry_at=at(12, 1)),
          Action.RETRY, at(12, 1)),
         (vm(S.INITIAL_REPLICATION), Action.NONE, None),
