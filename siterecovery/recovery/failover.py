@@ -194,7 +194,7 @@ class FailoverService:
         """Restart the failed-over ``vm`` from another point; allowed until commit."""
         record = self._failed_over_record(vm, "change the recovery point")
         opts = FailoverOptions(point=point, mode=RecoveryMode(record.mode),
-                               expose=tuple(record.forwards))  # fmt: skip
+                               expose=tuple(record.forwards), append=record.append)  # fmt: skip
         job = jobs.create_job(self.db, kind="change recovery point", vm=vm,
                               tasks=("select recovery point", "stop replica VM",
                                      *PREPARE_TASKS[1:]),
@@ -331,7 +331,7 @@ class FailoverService:
                                    str(workdir), spec.name, 0, str(workdir / f"{spec.name}.qmp"),
                                    str(workdir / f"{spec.name}.serial.log"),
                                    [*point.disks], server_pid, spec.memory_mib,
-                                   forwards=list(opts.expose))  # fmt: skip
+                                   forwards=list(opts.expose), append=opts.append)  # fmt: skip
             record.save()
             process = boot(spec)
             record.pid = process.pid
@@ -350,7 +350,7 @@ class FailoverService:
         outcome = FailoverOutcome(run.finish() if kind != FailoverKind.TEST or opts.probe is None
                                   else jobs.get_job(self.db, job=run.job_id),
                                   point, process, record, seconds, started)  # fmt: skip
-        if kind != FailoverKind.TEST:
+        if kind != FailoverKind.TEST and _state(self.db, vm) == S.FAILING_OVER:
             service.transition(self.db, vm=vm, to_state=S.FAILED_OVER,
                                reason=f"running from point {point.point_id}")  # fmt: skip
         elif opts.probe is not None:
@@ -460,6 +460,10 @@ class FailoverService:
         if not qmp:
             raise FailoverError(f"VM {vm} has no QMP socket recorded: it cannot be shut down")
         return Path(str(qmp))
+
+
+def _state(db: Database, vm: str) -> ReplicationState:
+    return service.get_protection(db, vm=vm).state
 
 
 def _qmp(path: Path, command: str, what: str) -> object:

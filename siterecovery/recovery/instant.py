@@ -59,9 +59,19 @@ class ServerHandle:
         stop_pid(self.pid, timeout)
 
 
+#: Servers started by this process, kept so their Popen objects are not collected while they
+#: run (they may outlive this process; they run in their own session).
+_STARTED: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie of ours (reaped here if it is)."""
     if pid <= 0:
+        return False
+    if pid in _STARTED:
+        if _STARTED[pid].poll() is None:
+            return True
+        del _STARTED[pid]
         return False
     with contextlib.suppress(ChildProcessError):
         done, _ = os.waitpid(pid, os.WNOHANG)
@@ -111,12 +121,12 @@ def start_server(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             close_fds=True, start_new_session=True,
         )  # fmt: skip
+    _STARTED[popen.pid] = popen
     handle = ServerHandle(popen.pid, sock, log)
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while not sock.exists():
         if popen.poll() is not None or time.monotonic() > deadline:
             handle.stop()
-            popen.wait()
             tail = log.read_text(errors="replace")[-2000:]
             raise FailoverError(f"the instant recovery NBD server did not start: {tail}")
         time.sleep(0.02)

@@ -70,6 +70,7 @@ class ReplicaRecord:
     committed: bool = False
     hydrating: bool = False
     forwards: list[str] = field(default_factory=list)
+    append: str | None = None
 
     def save(self) -> None:
         path = Path(self.workdir) / RECORD_NAME
