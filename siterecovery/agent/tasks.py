@@ -124,8 +124,10 @@ class WorkRunner:
             if job.states.get("start initial replication") != "succeeded":
                 self._move(item.vm, S.INITIAL_REPLICATION, "initial copy started")
             job.run("start initial replication", initial_copy)
-            job.run("finalize protection", lambda: self._move(
-                item.vm, S.PROTECTED, "initial replication complete"))
+            job.run(
+                "finalize protection",
+                lambda: self._move(item.vm, S.PROTECTED, "initial replication complete"),
+            )
         except SiteRecoveryError as exc:
             self._report_failure(item.vm, exc, release=False)
             job.release()

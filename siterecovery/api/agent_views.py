@@ -99,9 +99,7 @@ def report_vms(body: DiscoveryReport, db: Database = DB, host: str = AGENT) -> D
 
 
 @router.post("/claims", response_model=list[WorkItem])
-def claim(
-    body: ClaimRequest, db: Database = DB, host: str = AGENT
-) -> list[WorkItem]:
+def claim(body: ClaimRequest, db: Database = DB, host: str = AGENT) -> list[WorkItem]:
     """Lease due work of this host (jobs first, then due cycles)."""
     return work.claim_work(db, host=host, session=body.session, limit=body.limit,
                            lease_s=body.lease_s)  # fmt: skip
@@ -136,9 +134,7 @@ def transition(
 
 
 @router.post("/vms/{vm}/cycles", response_model=CycleRecorded)
-def report_cycle(
-    vm: str, body: CycleReport, db: Database = DB, host: str = AGENT
-) -> CycleRecorded:
+def report_cycle(vm: str, body: CycleReport, db: Database = DB, host: str = AGENT) -> CycleRecorded:
     """Record a claimed cycle's point (with its figures) or its failure; ends the lease
     unless ``release_lease`` is false (the initial copy inside an enable protection job)."""
     require_own_vm(db, host, vm)
@@ -192,9 +188,7 @@ def task_event(
 
 
 @router.post("/jobs/{job_id}/finish", response_model=JobRecord)
-def finish_job(
-    job_id: str, body: LeaseRequest, db: Database = DB, host: str = AGENT
-) -> JobRecord:
+def finish_job(job_id: str, body: LeaseRequest, db: Database = DB, host: str = AGENT) -> JobRecord:
     """Mark one of this host's jobs succeeded and end its lease."""
     record = _own_job(db, host, job_id)
     done = jobs.finish_job(db, job=job_id)
@@ -204,13 +198,9 @@ def finish_job(
 
 
 @router.post("/jobs/{job_id}/release", response_model=JobRecord)
-def release_job(
-    job_id: str, body: LeaseRequest, db: Database = DB, host: str = AGENT
-) -> JobRecord:
+def release_job(job_id: str, body: LeaseRequest, db: Database = DB, host: str = AGENT) -> JobRecord:
     """End the lease of a job that failed (its failure is already recorded on a task)."""
     record = _own_job(db, host, job_id)
     if record.vm is not None:
         work.release_lease(db, host=host, session=body.session, vm=record.vm)
     return record
-
-

@@ -115,26 +115,20 @@ def assign_policy(
     return work.assign_policy(db, vm=vm, policy=body.policy)
 
 
-@router.post(
-    "/vms/{vm}/protect", response_model=JobRecord, status_code=202, tags=["protection"]
-)
+@router.post("/vms/{vm}/protect", response_model=JobRecord, status_code=202, tags=["protection"])
 def protect(vm: str, body: ProtectRequest, db: Database = DB, _: Principal = OPERATOR) -> JobRecord:
     """Enable protection: answers with the pending job, which the VM's agent runs."""
     return service.protect(db, vm=vm, policy=body.policy).job
 
 
-@router.post(
-    "/vms/{vm}/unprotect", response_model=JobRecord, status_code=202, tags=["protection"]
-)
+@router.post("/vms/{vm}/unprotect", response_model=JobRecord, status_code=202, tags=["protection"])
 def unprotect(vm: str, db: Database = DB, _: Principal = OPERATOR) -> JobRecord:
     """Disable protection: answers with the pending job, which the VM's agent runs."""
     return service.unprotect(db, vm=vm)
 
 
 @router.post("/vms/{vm}/failover", status_code=202, tags=["recovery"])
-def failover(
-    vm: str, body: FailoverRequest, db: Database = DB, _: Principal = OPERATOR
-) -> None:
+def failover(vm: str, body: FailoverRequest, db: Database = DB, _: Principal = OPERATOR) -> None:
     """Fail a VM over. Not served yet: recovery agents do not claim failover work."""
     service.get_protection(db, vm=vm)
     raise NotImplementedYet(
@@ -191,9 +185,7 @@ def revoke_token(name: str, db: Database = DB, _: Principal = ADMIN) -> TokenRec
     return access.revoke_token(db, name=name)
 
 
-@router.post(
-    "/registration-keys", response_model=CreatedSecret, status_code=201, tags=["access"]
-)
+@router.post("/registration-keys", response_model=CreatedSecret, status_code=201, tags=["access"])
 def create_registration_key(
     body: RegistrationKeyCreate, db: Database = DB, _: Principal = ADMIN
 ) -> CreatedSecret:

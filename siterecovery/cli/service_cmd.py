@@ -64,10 +64,12 @@ def _serve(get_env: GetEnv) -> Callable[..., None]:
         ctx: typer.Context,
         host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(min=1, max=65535)] = 8443,
-        name: Annotated[list[str] | None, typer.Option(
-            help="Extra DNS name or IP for the server certificate.")] = None,
-        heartbeat_timeout: Annotated[str, typer.Option(
-            help="A host is disconnected after this long without a heartbeat.")] = "90s",
+        name: Annotated[
+            list[str] | None, typer.Option(help="Extra DNS name or IP for the server certificate.")
+        ] = None,
+        heartbeat_timeout: Annotated[
+            str, typer.Option(help="A host is disconnected after this long without a heartbeat.")
+        ] = "90s",
     ) -> None:
         """Serve the vault's REST API over HTTPS (OpenAPI at /openapi.json)."""
         from siterecovery.api.deps import VaultOptions
@@ -88,10 +90,14 @@ def _agent_register(get_env: GetEnv) -> Callable[..., None]:
         key: Annotated[Path, typer.Option(help="Registration key file from the vault.")],
         vault: Annotated[str | None, typer.Option(help="Vault URL (default: the key's).")] = None,
         host: Annotated[str | None, typer.Option(help="This host's name in the vault.")] = None,
-        qmp: Annotated[list[str] | None, typer.Option(
-            help="Glob of VMs' QMP sockets (repeatable), e.g. /run/qemu/*.qmp.")] = None,
-        store_key: Annotated[Path | None, typer.Option(
-            help="The replica store's key file (default: WORKDIR/store.key).")] = None,
+        qmp: Annotated[
+            list[str] | None,
+            typer.Option(help="Glob of VMs' QMP sockets (repeatable), e.g. /run/qemu/*.qmp."),
+        ] = None,
+        store_key: Annotated[
+            Path | None,
+            typer.Option(help="The replica store's key file (default: WORKDIR/store.key)."),
+        ] = None,
     ) -> None:
         """Register this host with a one-time key; stores the host's own credential."""
         from siterecovery.agent.runner import check_globs
@@ -174,7 +180,8 @@ def _regkey_create(get_env: GetEnv) -> Callable[..., None]:
         role: Annotated[str, typer.Option(help="Site role if the site is new.")] = "primary",
         ttl: Annotated[str, typer.Option(help="Validity: up to 5d.")] = "1d",
         vault_url: Annotated[str, typer.Option(help="URL agents reach the vault at.")] = (
-            "https://127.0.0.1:8443"),
+            "https://127.0.0.1:8443"
+        ),
     ) -> None:
         """Make a one-time, expiring registration key file for one host."""
         from siterecovery.agent.config import KeyFile
@@ -198,8 +205,9 @@ def _up(get_env: GetEnv) -> Callable[..., None]:
     def up(
         ctx: typer.Context,
         port: Annotated[int, typer.Option(min=1, max=65535)] = 8443,
-        qmp: Annotated[list[str] | None, typer.Option(
-            help="Glob of the local VMs' QMP sockets (repeatable).")] = None,
+        qmp: Annotated[
+            list[str] | None, typer.Option(help="Glob of the local VMs' QMP sockets (repeatable).")
+        ] = None,
     ) -> None:
         """Start the vault and a local agent together (the embedded default).
 
@@ -252,8 +260,17 @@ def _start_vault(env: Env, port: int) -> subprocess.Popen[bytes]:
     from siterecovery.api.server import pki_of
 
     pki_of(env.settings)
-    argv = [sys.executable, "-m", "siterecovery.cli.service_cmd",
-            "--workdir", str(env.settings.workdir), "vault", "serve", "--port", str(port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "siterecovery.cli.service_cmd",
+        "--workdir",
+        str(env.settings.workdir),
+        "vault",
+        "serve",
+        "--port",
+        str(port),
+    ]
     log = (env.settings.workdir / "vault.log").open("ab")
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 

@@ -182,9 +182,7 @@ def require_role(principal: Principal, role: Role, action: str) -> None:
     if principal.role is None:
         raise PermissionDenied(f"{principal.label} may not {action}: hosts use the agent API")
     if principal.role.rank < role.rank:
-        raise PermissionDenied(
-            f"{principal.label} may not {action}: that needs the role '{role}'"
-        )
+        raise PermissionDenied(f"{principal.label} may not {action}: that needs the role '{role}'")
 
 
 def require_host(principal: Principal, action: str) -> str:
@@ -261,9 +259,7 @@ def _check_key(row: RegistrationKey | None, now: datetime) -> None:
     if row is None:
         raise NotAuthenticated("unknown registration key", hint=hint)
     if row.used_at is not None:
-        raise NotAuthenticated(
-            f"registration key already used by host {row.used_by!r}", hint=hint
-        )
+        raise NotAuthenticated(f"registration key already used by host {row.used_by!r}", hint=hint)
     if row.expires_at <= now:
         raise NotAuthenticated("registration key expired", hint=hint)
 

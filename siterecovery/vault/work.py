@@ -285,9 +285,7 @@ def _host_status(row: Host, now: datetime, timeout_s: float) -> HostStatus:
     return HostStatus(HostRecord.of(row), age is not None and age <= timeout_s, age)
 
 
-def status(
-    db: Database, /, *, vm: str | None = None, heartbeat_timeout_s: float
-) -> list[VmStatus]:
+def status(db: Database, /, *, vm: str | None = None, heartbeat_timeout_s: float) -> list[VmStatus]:
     """Replicated VMs (all, or ``vm``) with live RPO, health and the last cycle's figures."""
     with db.transaction(write=False) as txn:
         now = db.now()
@@ -309,8 +307,11 @@ def _vm_status(txn: Session, row: ReplicatedVm, now: datetime, timeout_s: float)
     host = _host_status(row.vm.host, now, timeout_s)
     if not host.connected and row.state in REPLICATING_STATES:
         health = Health.CRITICAL
-        seen = "never" if host.seconds_since_heartbeat is None else (
-            f"{host.seconds_since_heartbeat:.0f}s ago")
+        seen = (
+            "never"
+            if host.seconds_since_heartbeat is None
+            else (f"{host.seconds_since_heartbeat:.0f}s ago")
+        )
         reasons.append(f"host {host.host.name!r} disconnected: last heartbeat {seen}")
     figures = dict(point.figures) if point else {}
     duration = figures.get("duration_s")
