@@ -49,18 +49,24 @@ def test_no_server_errors(api_schema: Any, served: tuple[VaultProcess, dict[str,
     calls: dict[int, int] = {}
     for operation in operations:
         secret = secrets["host"] if operation.path.startswith("/v1/agent/") else secrets["admin"]
-        headers = {"Authorization": f"Bearer {secret}"}
-
-        @settings(max_examples=EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
-        @given(case=operation.as_strategy())
-        def call(case: Any, headers: dict[str, str] = headers) -> None:
-            response = case.call(base_url=vault.url, headers=headers, verify=str(vault.ca),
-                                 timeout=30)  # fmt: skip
-            calls[response.status_code] = calls.get(response.status_code, 0) + 1
-            case.validate_response(response, checks=[not_a_server_error])
-
-        call()
+        fuzz(operation, vault, {"Authorization": f"Bearer {secret}"}, calls)
     assert sum(calls.values()) >= 2 * len(operations)
     assert not any(code >= 500 and code != 501 for code in calls), calls
     assert "unexpected error" not in vault.log.read_text()
+
+
+def fuzz(
+    operation: Any, vault: VaultProcess, headers: dict[str, str], calls: dict[int, int]
+) -> None:
+    """Call ``operation`` with generated cases; fail on any server error."""
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(case=operation.as_strategy())
+    def call(case: Any) -> None:
+        response = case.call(base_url=vault.url, headers=headers, verify=str(vault.ca),
+                             timeout=30)  # fmt: skip
+        calls[response.status_code] = calls.get(response.status_code, 0) + 1
+        case.validate_response(response, checks=[not_a_server_error])
+
+    call()
