@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from siterecovery import __version__
-from siterecovery.cli import output
+from siterecovery.cli import failover_cmd, output
 from siterecovery.cli.context import Env
 from siterecovery.cli.store_cmd import store_app_factory
 from siterecovery.domain import parse_duration
@@ -387,32 +387,6 @@ def job_show(
 
 
 @app.command()
-def failover(
-    ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="A protected VM.")],
-    unplanned: Annotated[bool, typer.Option(help="The primary is unreachable.")] = False,
-    point: Annotated[str, typer.Option(help="Recovery point id, or latest.")] = "latest",
-    accel: Annotated[str, typer.Option(help="tcg or kvm.")] = "tcg",
-) -> None:
-    """Fail a VM over to the recovery site and start it there (it keeps running)."""
-    from siterecovery.recovery.failover import FailoverService
-
-    if not unplanned:
-        raise InputError(
-            "only --unplanned failover exists so far", hint="pass --unplanned"
-        )
-    env = _env(ctx)
-    service_ = FailoverService(env.db(), env.store(), env.settings.recovery_dir, accel=accel)
-    outcome = service_.unplanned(vm, point_id=None if point == "latest" else point)
-    outcome.process.detach()
-    _print_job(outcome.job)
-    output.out.print(
-        f"replica VM running (pid {outcome.process.pid}) from point {outcome.point.point_id}; "
-        f"QMP {outcome.process.qmp_path}, console {outcome.process.serial_path}"
-    )
-
-
-@app.command()
 def restore(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="A protected VM.")],
@@ -449,6 +423,9 @@ def _print_job(job: object) -> None:
         rows.append((t.name, t.state, took, t.error or ""))
     title = f"job {job.id[:8]} {job.kind} [{job.state}]"
     output.out.print(output.table(title, ["task", "state", "duration", "error"], rows))
+
+
+app.add_typer(failover_cmd.failover_app_factory(failover_cmd.current_env), name="failover")
 
 
 def main() -> None:

@@ -107,7 +107,7 @@ def map_network(
         if tst.kind != "isolated":
             raise InputError(
                 f"drills need an isolated network; {test!r} is {tst.kind}",
-                hint="create one with `siterecovery network create NAME --kind isolated`",
+                hint="create one: `siterecovery failover network create NAME --kind isolated`",
             )
         row = session.scalars(
             select(NetworkMapping).where(NetworkMapping.source_network == source)
@@ -138,7 +138,8 @@ def _network_row(session: Any, name: str) -> RecoveryNetwork:
     row = session.scalars(select(RecoveryNetwork).where(RecoveryNetwork.name == name)).first()
     if row is None:
         raise NotFoundError(
-            f"no recovery network {name!r}", hint="create it with `siterecovery network create`"
+            f"no recovery network {name!r}",
+            hint="create it with `siterecovery failover network create`",
         )
     assert isinstance(row, RecoveryNetwork)
     return row
@@ -192,7 +193,8 @@ def plan_nics(
     if missing:
         raise FailoverError(
             f"VM {vm} has NICs on networks with no mapping: {', '.join(missing)}",
-            hint="map them first: `siterecovery network map SOURCE --recovery NET --test NET`",
+            hint="map them first: "
+            "`siterecovery failover network map SOURCE --recovery NET --test NET`",
         )
     planned = []
     for nic in nics:

@@ -4,7 +4,7 @@ of what runs, capacity checks, probes, and teardown.
 Files of a replica of VM ``V`` (``SLOT`` is ``test`` for a drill, ``failover`` otherwise)::
 
     RECOVERY_DIR/V/SLOT/replica.json        the ReplicaRecord (temp file + rename)
-    RECOVERY_DIR/V/SLOT/V-SLOT.qmp|.serial.log|.log|.pid   QEMU's files (process.py)
+    RECOVERY_DIR/V/SLOT/replica.qmp|.serial.log|.log|.pid QEMU files (process.py)
     RECOVERY_DIR/V/SLOT/<disk>.overlay.qcow2 instant recovery: local writes and hydrated data
     RECOVERY_DIR/V/SLOT/nbd.sock, nbd.log    instant recovery: the store's NBD server
     RECOVERY_DIR/V/SLOT/<point>/<disk>.qcow2 full restore: the materialized disks
@@ -224,7 +224,7 @@ def replica_spec(req: StartRequest, drives: list[DriveSpec], disk_args: list[str
     config: Mapping[str, Any] = req.point.vm_config
     boot: Mapping[str, Any] = config.get("boot", {})
     return VmProcessSpec(
-        name=f"{req.vm}-{req.slot}"[:63],
+        name="replica",  # short: QMP socket paths are limited to 107 bytes
         workdir=req.workdir,
         drives=drives,
         memory_mib=int(config.get("memory_mib", 256)),

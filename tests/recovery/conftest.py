@@ -7,6 +7,7 @@ the enable protection job and returns a :class:`Site` with everything a failover
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,12 +89,17 @@ def protected_vm(site: Site) -> Callable[..., QemuProcess]:
         paused: bool = False,
         nics: list[dict[str, Any]] | None = None,
         boot_marker: bool = True,
+        fill_mib: int = 0,
     ) -> QemuProcess:
         workdir = site.root / "primary" / name
         workdir.mkdir()
         system, data = workdir / "system.qcow2", workdir / "data.qcow2"
         make_disk(system, 16 * MiB)
         make_disk(data, data_size)
+        if fill_mib:  # distinct 1 MiB blocks of data, so a full restore has work to do
+            cmds = [a for i in range(fill_mib) for a in ("-c", f"write -P {i % 251} {i}M 1M")]
+            subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(data)], check=True,
+                           capture_output=True)  # fmt: skip
         spec = VmProcessSpec(
             name=name, workdir=workdir,
             drives=[DriveSpec("system", system), DriveSpec("data", data)],

@@ -53,13 +53,15 @@ def test_refusals_change_nothing(site: Site, protected_vm: Callable[..., QemuPro
     # a recovery host without room
     small = FailoverService(site.db, site.store, site.root / "recovery", key_file=site.key_file,
                             host=RecoveryHost(memory_mib=64))  # fmt: skip
-    with pytest.raises(FailoverError, match="no room for VM vm-err.*256 MiB"):
+    with pytest.raises(FailoverError, match=r"no room for VM vm-err.*256 MiB"):
         small.unplanned("vm-err")
     _assert_untouched(site, "vm-err", primary)
     # an unknown point, then a point whose index object is damaged
     with pytest.raises(InputError, match="no recovery point 'nope'"):
         site.failover.unplanned("vm-err", point_id="nope")
-    point = site.store.load_point("vm-err", points.latest_point(site.db, vm="vm-err").point_id)
+    latest = points.latest_point(site.db, vm="vm-err")
+    assert latest is not None
+    point = site.store.load_point("vm-err", latest.point_id)
     index_key = point.disks["data"].base.key
     path = Path(site.store.url.removeprefix("file://")) / index_key
     path.write_bytes(path.read_bytes()[:-1] + b"\0")
@@ -102,12 +104,10 @@ def test_unplanned_older_point_change_point_commit(
     record = site.failover.replica("vm-u")
     assert record is not None and record.committed
     # the newer point's replica holds more records than the older one's
-    proc = QemuProcess.__new__(QemuProcess)  # read the console of the detached replica
     serial = Path(record.serial)
     instant.wait_hydrated(Path(record.qmp), record.disks, 120)
     text = _wait_text(serial, r"SR-VERIFY-DONE")
     assert len(_have_text(text)) > have_older >= 3
-    del proc
 
 
 def _have(process: QemuProcess) -> dict[int, str]:
