@@ -1,5 +1,6 @@
 """Instant recovery RTO: command → replica VM running, and → the guest's first serial output,
-for a 2 GiB and a 20 GiB (sparse) data disk holding 256 MiB of data; full restore measured alongside for the record.
+for a 2 GiB and a 20 GiB (sparse) data disk holding 256 MiB of data; full restore is
+measured alongside for the record.
 
 The aim: instant recovery under 10 s and the same whatever the disk size. Figures are printed
 (``-s``) as one JSON line per run for docs/benchmarks.md.
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
+from siterecovery.domain import ReplicationState
 from siterecovery.hypervisor.guest import guest_cmdline
 from siterecovery.hypervisor.process import QemuProcess
 from siterecovery.recovery import instant
@@ -46,7 +48,7 @@ def _measure(site: Site, vm: str, mode: RecoveryMode) -> dict[str, float | str]:
     print(json.dumps(figures))
     outcome.process.stop()
     instant.stop_pid(outcome.record.server_pid)
-    service.transition(site.db, vm=vm, to_state=service.ReplicationState.COMMITTED, reason="t")
+    service.transition(site.db, vm=vm, to_state=ReplicationState.COMMITTED, reason="done")
     return figures
 
 
