@@ -17,6 +17,7 @@ import typer
 from siterecovery import __version__
 from siterecovery.cli import failover_cmd, output
 from siterecovery.cli.context import Env
+from siterecovery.cli.resync_cmd import register_resync_commands
 from siterecovery.cli.store_cmd import store_app_factory
 from siterecovery.domain import parse_duration
 from siterecovery.errors import InputError, SiteRecoveryError
@@ -426,6 +427,9 @@ def _print_job(job: object) -> None:
 
 
 app.add_typer(failover_cmd.failover_app_factory(failover_cmd.current_env), name="failover")
+
+
+register_resync_commands(app, _env)
 
 
 def main() -> None:
