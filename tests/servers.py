@@ -54,6 +54,7 @@ S3_SECRET_KEY = "siterecovery-test-secret"
 S3_REGION = "us-east-1"
 
 _PR_SET_PDEATHSIG = 1
+_BUCKET_EXISTS = ("BucketAlreadyExists", "BucketAlreadyOwnedByYou")
 
 
 class ServerSetupError(RuntimeError):
@@ -142,6 +143,9 @@ class RealServer:
         """Start (or restart) on the same ports and data directory; wait until ready."""
         if self.running:
             return
+        # After a kill the server may have lost recent metadata (Azurite saves its database
+        # every few seconds): create containers/buckets again rather than trust the cache.
+        self.created.clear()
         if not self.binary.exists():
             raise ServerSetupError(
                 f"{self.name} is not installed ({self.binary} missing): {SETUP_HINT}"
@@ -313,6 +317,8 @@ class SeaweedFSServer(RealServer):
             f"-s3.localSocket={self.workdir / 's3.sock'}",
             f"-s3.config={self.config_path}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
+            # Like AWS: a put to a missing bucket fails instead of creating it.
+            "-s3.autoCreateBucket=false",
             f"-admin.port={self.admin_port}", f"-admin.port.grpc={self.admin_port + 10000}",
             "-webdav=false", "-master.telemetry=false",
         ]  # fmt: skip
@@ -361,7 +367,11 @@ class SeaweedFSServer(RealServer):
         client = self.client()
         try:
             if "ready-probe" not in self.created:
-                client.create_bucket(Bucket="ready-probe")
+                try:
+                    client.create_bucket(Bucket="ready-probe")
+                except ClientError as exc:
+                    if exc.response["Error"]["Code"] not in _BUCKET_EXISTS:
+                        raise
                 self.created.add("ready-probe")
             client.put_object(Bucket="ready-probe", Key="probe", Body=b"ok")
         except (BotoCoreError, ClientError):
@@ -382,10 +392,7 @@ class SeaweedFSServer(RealServer):
                 self.created.add(name)
                 return
             except ClientError as exc:
-                if exc.response["Error"]["Code"] in (
-                    "BucketAlreadyExists",
-                    "BucketAlreadyOwnedByYou",
-                ):
+                if exc.response["Error"]["Code"] in _BUCKET_EXISTS:
                     self.created.add(name)
                     return
                 if time.monotonic() > deadline:

@@ -121,6 +121,7 @@ class S3Backend:
     attempt count per request (1 = no SDK retry; wrap the backend with
     :class:`~siterecovery.store.wrappers.RetryingBackend` for the product's schedule).
     ``on_part`` is called after each uploaded part of a multipart put (progress, tests).
+    ``part_size`` is raised to S3's minimum of 5 MiB.
     """
 
     def __init__(
@@ -153,6 +154,8 @@ class S3Backend:
                 raise StoreInputError(f"invalid prefix {prefix!r} in S3 store URL") from exc
         if part_size < 1 or multipart_threshold < 1:
             raise ValueError("part_size and multipart_threshold must be positive")
+        # S3 (and SeaweedFS) refuse parts under 5 MiB except the last one.
+        part_size = max(part_size, MIN_PART)
         self.bucket = bucket
         self.prefix = prefix
         self._root = f"{prefix}/" if prefix else ""
