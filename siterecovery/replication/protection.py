@@ -147,7 +147,10 @@ class ProtectionService:
     def replicate(self, vm: str) -> CycleResult:
         """Run one delta cycle of the protected ``vm`` and record its recovery point."""
         record = service.get_vm(self.db, name=vm)
-        protection = self._require_state(vm, {S.PROTECTED}, "run a cycle")
+        # Replication never stops for a drill (DESIGN §5): cycles run during a test failover.
+        protection = self._require_state(
+            vm, {S.PROTECTED, S.TEST_FAILOVER_RUNNING}, "run a cycle"
+        )
         latest = points.latest_point(self.db, vm=vm)
         if latest is None:
             raise InputError(f"VM {vm} has no recovery point to continue from")

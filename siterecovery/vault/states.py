@@ -40,7 +40,13 @@ class ErrorClass(enum.StrEnum):
 
 #: States in which cycles ship changes; a cycle failure moves them to error or resync required.
 REPLICATING_STATES = frozenset(
-    {S.INITIAL_REPLICATION, S.PROTECTED, S.RESYNCING, S.REVERSE_REPLICATING}
+    {
+        S.INITIAL_REPLICATION,
+        S.PROTECTED,
+        S.RESYNCING,
+        S.REVERSE_REPLICATING,
+        S.TEST_FAILOVER_RUNNING,  # replication keeps running during a drill
+    }
 )
 
 #: States from which protection may be disabled: no recovery operation is in flight.
