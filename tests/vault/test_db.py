@@ -20,6 +20,7 @@ from siterecovery.vault.models import Base, Site, SiteRole
 
 from .conftest import FakeClock
 
+
 def tables() -> set[str]:
     """Every table the models declare, plus Alembic's own: what a migrated vault holds."""
     return set(Base.metadata.tables) | {"alembic_version"}
