@@ -223,6 +223,19 @@ def test_azure_connection_string_from_a_config_file(
         open_backend(server.url("real-tests"))
 
 
+@pytest.mark.parametrize(
+    "connection_string",
+    [
+        "AccountName=devstoreaccount1;AccountKey=not*base64!;BlobEndpoint=http://127.0.0.1:9/x",
+        "AccountName=devstoreaccount1;BlobEndpoint=http://127.0.0.1:9/x",
+    ],
+    ids=["key-not-base64", "no-key"],
+)
+def test_unusable_azure_key_is_an_auth_error(connection_string: str) -> None:
+    with pytest.raises(StoreAuthError):
+        AzureBackend("devstoreaccount1", "container", connection_string=connection_string)
+
+
 def test_wrong_credentials_raise_auth_error_and_are_not_retried(target: Target) -> None:
     good = target.fresh()
     good.put("k", b"v")
