@@ -250,7 +250,7 @@ class S3Backend:
         code, status = _error_info(exc)
         if create_only and (status == 412 or code == "PreconditionFailed"):
             return ObjectExists(f"object {key} already exists")
-        if status == 501 or code == "NotImplemented":
+        if create_only and (status == 501 or code == "NotImplemented"):
             return ConditionalWritesUnsupported(
                 f"cannot store {key} in {self.url}: the server does not implement a "
                 f"request option ({code or status})"

@@ -6,6 +6,8 @@ written and restored end to end. The shared contract tests run against both thro
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from siterecovery.store import (
     StoreKeys,
     StoreUnavailable,
     open_backend,
+    supported_schemes,
 )
 from siterecovery.store.azure import AzureBackend
 from siterecovery.store.s3 import ConditionalWritesUnsupported, S3Backend
@@ -174,6 +177,19 @@ def test_dot_names_and_foreign_objects_are_never_listed(target: Target) -> None:
         target.server.client().put_object(Bucket=target.container, Key=root + ".probe", Body=b"")
     backend.put("ok", b"1")
     assert [i.key for i in backend.list()] == ["ok"]
+
+
+def test_schemes_are_registered_without_importing_the_sdks_eagerly() -> None:
+    assert {"azure", "s3", "file", "memory"} <= set(supported_schemes())
+    # Opening a file:// store must not pay for loading the cloud SDKs.
+    code = (
+        "import sys; from siterecovery.store import open_backend, supported_schemes;"
+        "assert {'azure', 's3'} <= set(supported_schemes());"
+        "open_backend('file:///tmp/x');"
+        "print(sorted(m for m in ('boto3', 'botocore', 'azure.storage.blob') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(
