@@ -26,6 +26,7 @@ from typing import Any
 from siterecovery.domain import Consistency
 from siterecovery.hypervisor.nbd import NbdClient
 from siterecovery.hypervisor.tracking import ChangeTracker, CycleView, DiskView
+from siterecovery.store.leases import acquire_lease
 from siterecovery.store.manifest import DiskChain, PointManifest
 from siterecovery.store.repository import ReplicaStore
 
@@ -77,6 +78,52 @@ class CycleResult:
         }
 
 
+ShipFn = Callable[[CycleView, PointManifest | None], tuple[dict[str, DiskChain], tuple[Any, ...]]]
+
+
+@dataclass(frozen=True)
+class CycleRun:
+    """The frame every cycle-like operation (delta, initial copy, resync) runs in.
+
+    Under a store lease (so garbage collection keeps the chain being extended and what is
+    being written), freeze the disks, ship, publish the point, and end the cycle: the frozen
+    change log is dropped only after the point is published, and merged back otherwise.
+    """
+
+    tracker: ChangeTracker
+    store: ReplicaStore
+    vm: str
+    vm_config: Mapping[str, Any]
+
+    def run(
+        self,
+        begin: Callable[[], CycleView],
+        ship: ShipFn,
+        previous: PointManifest | None,
+        *,
+        consistency: Consistency,
+        base: bool,
+    ) -> tuple[CycleView, PointManifest, tuple[Any, ...]]:
+        roots = [ref.key for chain in (previous.disks.values() if previous else ())
+                 for ref in chain.refs()]  # fmt: skip
+        purpose = "base" if base else "cycle"
+        with acquire_lease(
+            self.store.backend, purpose, vm=self.vm, writes=True, dedup=base, roots=roots
+        ):
+            view = begin()
+            try:
+                chains, stats = ship(view, previous)
+                point = self.store.publish_point(
+                    self.vm, chains, consistency=str(consistency),
+                    vm_config=dict(self.vm_config), created_at=view.captured_at,
+                )  # fmt: skip
+            except BaseException:
+                self.tracker.end(view, shipped=False)
+                raise
+        self.tracker.end(view, shipped=True)
+        return view, point, stats
+
+
 class Replicator:
     """Runs cycles of one VM from its :class:`ChangeTracker` into a :class:`ReplicaStore`."""
 
@@ -103,20 +150,11 @@ class Replicator:
     ) -> CycleResult:
         """Run one cycle: initial when ``previous`` is None, else a delta on top of it."""
         started = time.monotonic()
-        view = self.tracker.begin(initial=previous is None)
-        try:
-            chains, stats = self._ship(view, previous)
-            point = self.store.publish_point(
-                self.vm,
-                chains,
-                consistency=str(consistency),
-                vm_config=self.vm_config,
-                created_at=view.captured_at,
-            )
-        except BaseException:
-            self.tracker.end(view, shipped=False)
-            raise
-        self.tracker.end(view, shipped=True)
+        cycle = CycleRun(self.tracker, self.store, self.vm, self.vm_config)
+        view, point, stats = cycle.run(
+            lambda: self.tracker.begin(initial=previous is None), self._ship, previous,
+            consistency=consistency, base=previous is None,
+        )  # fmt: skip
         return CycleResult(point, view.initial, view.captured_at, time.monotonic() - started, stats)
 
     def _ship(

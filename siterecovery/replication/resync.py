@@ -30,7 +30,13 @@ from typing import Any
 from siterecovery.domain import Consistency
 from siterecovery.hypervisor.nbd import NbdClient
 from siterecovery.hypervisor.tracking import ChangeTracker, CycleView, DiskView
-from siterecovery.replication.engine import READ_REQUEST, Progress, Replicator, block_ranges
+from siterecovery.replication.engine import (
+    READ_REQUEST,
+    CycleRun,
+    Progress,
+    Replicator,
+    block_ranges,
+)
 from siterecovery.store.codec import SUBBLOCK_SIZE
 from siterecovery.store.manifest import DiskChain, PointManifest
 from siterecovery.store.repository import ReplicaStore
@@ -127,17 +133,10 @@ class Resyncer:
     ) -> ResyncResult:
         """Resynchronize against ``previous`` (None: copy every disk whole)."""
         started = time.monotonic()
-        view = self.tracker.begin_resync()
-        try:
-            chains, stats = self._ship(view, previous)
-            point = self.store.publish_point(
-                self.vm, chains, consistency=str(consistency), vm_config=self.vm_config,
-                created_at=view.captured_at,
-            )  # fmt: skip
-        except BaseException:
-            self.tracker.end(view, shipped=False)
-            raise
-        self.tracker.end(view, shipped=True)
+        cycle = CycleRun(self.tracker, self.store, self.vm, self.vm_config)
+        view, point, stats = cycle.run(
+            self.tracker.begin_resync, self._ship, previous, consistency=consistency, base=True
+        )
         return ResyncResult(point, view.captured_at, time.monotonic() - started, stats)
 
     def _ship(

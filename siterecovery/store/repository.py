@@ -37,6 +37,7 @@ from siterecovery.store.keys import (
     utc_text,
     validate_block_size,
 )
+from siterecovery.store.leases import acquire_lease
 from siterecovery.store.manifest import DiskChain, PointManifest
 from siterecovery.store.points import PointScan, load_point, publish_point, scan_points
 from siterecovery.store.reader import ChainReader, RestoreStats, restore_disk
@@ -216,7 +217,12 @@ class ReplicaStore:
         piece verified; ``dest`` appears only when complete. ``progress(done, total)`` is
         called in bytes after each block. Refuses an existing ``dest`` unless ``overwrite``."""
         reader = ChainReader(self._ctx, point, disk)
-        return restore_disk(reader, Path(dest), fmt=fmt, progress=progress, overwrite=overwrite)
+        # A restore may outlive the GC safety delay: its lease pins the chain it reads.
+        roots = [ref.key for ref in point.disks[disk].refs()]
+        with acquire_lease(self.backend, "restore", vm=point.vm, roots=roots):
+            return restore_disk(
+                reader, Path(dest), fmt=fmt, progress=progress, overwrite=overwrite
+            )
 
     def read_disk(self, point: PointManifest, disk: str) -> Iterator[tuple[int, bytes]]:
         """Verified ``(offset, data)`` pieces covering the whole disk in order, one per block
