@@ -45,3 +45,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+
+if [ "$mode" = test ]; then
+  bash scripts/setup-servers.sh   # Azurite and SeaweedFS for the replica store tests
+fi
