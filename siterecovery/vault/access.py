@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 
 from siterecovery.domain import validate_name
-from siterecovery.errors import VaultError
+from siterecovery.errors import NotFoundError, VaultError
 from siterecovery.vault import checks, rows
 from siterecovery.vault.auth_models import ApiToken, RegistrationKey, Role
 from siterecovery.vault.db import Database
@@ -146,10 +146,9 @@ def _token_record(row: ApiToken) -> TokenRecord:
     )  # fmt: skip
 
 
-class UnknownToken(VaultError):
+class UnknownToken(NotFoundError):
     """No API token with this name exists."""
 
-    exit_code = 3
     hint = "run `siterecovery token list` to see the tokens"
 
 

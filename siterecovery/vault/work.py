@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import Select, delete, or_, select
 from sqlalchemy.orm import Session
 
 from siterecovery.domain import Health, JobState, ReplicationState
@@ -85,31 +85,38 @@ def claim_work(
             for lease in txn.scalars(select(WorkLease).where(WorkLease.host_id == host_row.id))
         }
         items: list[WorkItem] = []
-        for job in _due_jobs(txn, host_row):
+        for job in _due_jobs(txn, host_row, limit, now, session):
             if len(items) < limit and job.vm is not None:
                 _take(txn, items, leases, job.vm, now, session, lease_s, job=job)
-        for row in _due_cycles(txn, host_row, now):
+        for row in _due_cycles(txn, host_row, now, session):
             if len(items) < limit and row.vm.name not in {i.vm for i in items}:
                 _take(txn, items, leases, row.vm, now, session, lease_s, replicated=row)
         return items
 
 
-def _due_jobs(txn: Session, host: Host) -> list[Job]:
+def _not_leased(query: Select[Any], now: datetime, session: str) -> Select[Any]:
+    """Leave out VMs this session already works on (a live lease of the same session)."""
+    return query.outerjoin(WorkLease, WorkLease.vm_id == Vm.id).where(
+        or_(WorkLease.vm_id.is_(None), WorkLease.expires_at <= now, WorkLease.session != session)
+    )
+
+
+def _due_jobs(txn: Session, host: Host, limit: int, now: datetime, session: str) -> list[Job]:
+    query = _not_leased(select(Job).join(Vm, Job.vm_id == Vm.id), now, session)
     query = (
-        select(Job)
-        .join(Vm, Job.vm_id == Vm.id)
-        .where(Vm.host_id == host.id, Job.kind.in_(JOB_KINDS))
+        query.where(Vm.host_id == host.id, Job.kind.in_(JOB_KINDS))
         .where(Job.state.in_([JobState.PENDING, JobState.RUNNING]))
         .order_by(Job.created_at, Job.id)
+        .limit(limit)
         .with_for_update(skip_locked=True, of=Job)
     )
     return list(txn.scalars(query))
 
 
-def _due_cycles(txn: Session, host: Host, now: datetime) -> list[ReplicatedVm]:
+def _due_cycles(txn: Session, host: Host, now: datetime, session: str) -> list[ReplicatedVm]:
+    query = _not_leased(select(ReplicatedVm).join(Vm, ReplicatedVm.vm_id == Vm.id), now, session)
     query = (
-        select(ReplicatedVm)
-        .join(Vm, ReplicatedVm.vm_id == Vm.id)
+        query
         .where(Vm.host_id == host.id, ReplicatedVm.state == S.PROTECTED)
         .where(or_(ReplicatedVm.error_class.is_(None),
                    ReplicatedVm.error_class != ErrorClass.NON_RECOVERABLE))

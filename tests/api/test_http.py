@@ -201,3 +201,36 @@ def test_claims_lease_work_once_and_cycles_report_figures(
         (status,) = reader.get("/v1/status")
         assert status["host_connected"] is False and status["health"] == "critical"
         assert "host 'kvm1' disconnected" in status["health_reasons"][-1]
+
+
+def test_two_vault_processes_hand_out_each_piece_of_work_once(
+    vault: VaultProcess, tokens: dict[str, str]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    second = VaultProcess(vault.settings).start()  # same database, another process
+    try:
+        cred = register_host(vault, "kvm1")
+        with vault.client(cred) as agent:
+            vms = [{"name": f"vm{i:02d}", "disks": [DISK]} for i in range(24)]
+            agent.put("/v1/agent/vms", {"vms": vms})
+        with vault.client(tokens["operator"]) as op:
+            op.post("/v1/policies", {"name": "gold", "copy_frequency_s": 30})
+            jobs = {op.post(f"/v1/vms/{vm['name']}/protect", {"policy": "gold"})["id"]
+                    for vm in vms}  # fmt: skip
+        session = str(uuid.uuid4())
+
+        def claim(process: VaultProcess) -> list[str]:
+            with process.client(cred) as client:
+                items = client.post("/v1/agent/claims", {"session": session, "limit": 3})
+                return [item["job_id"] for item in items]
+
+        handed: list[str] = []
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(10):  # concurrent polls of two processes, until all is claimed
+                handed += [job for batch in pool.map(claim, [vault, second] * 4) for job in batch]
+                if len(set(handed)) == len(jobs):
+                    break
+        assert sorted(handed) == sorted(jobs)  # every job handed out exactly once
+    finally:
+        second.stop()
