@@ -247,12 +247,13 @@ def _ensure_vault(env: Env) -> None:
         return
     from siterecovery.store.keys import StoreKeys
     from siterecovery.store.repository import ReplicaStore
+    from siterecovery.vault.db import open_database
 
     settings.workdir.mkdir(parents=True, exist_ok=True)
     keys = StoreKeys.generate()
     ReplicaStore.init(settings.store_url, keys, encrypted=False)
     keys.save(settings.key_file)
-    env.db()
+    open_database(settings.vault_url).close()
     settings.save()
 
 
@@ -339,6 +340,7 @@ def _logging() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll is noise
 
 
 if __name__ == "__main__":  # until wired into the main app: python -m siterecovery.cli.service_cmd
