@@ -29,8 +29,26 @@ Kernel command line (see :func:`guest_cmdline`): ``sr.mode=`` selects what ``/in
     read record slots from 0 until the first slot without a valid header (or ``sr.count``),
     print ``SR-HAVE <i> <sha256>`` for each, then ``SR-VERIFY-DONE <n>`` and power off.
 
+``linked``
+    write **linked records** across two data disks: record ``i`` (exactly
+    :func:`expected_record` ``(sr.seed, i)``) at slot ``i`` of ``sr.disk`` (default ``vdb``),
+    flushed, then its **partner** (the same 64 KiB) at slot ``i`` of ``sr.partner`` (default
+    ``vdc``), flushed; then ``SR-LINKED <i>``. At every instant the partner disk holds records
+    ``0..k-1`` and the first disk ``0..k-1`` or ``0..k``: a copy of both disks taken at one
+    instant never shows a partner without its record. ``sr.count``, ``sr.interval_ms`` and
+    ``sr.start`` as for ``writer``; ``SR-WRITER-DONE <N>`` at the end.
+
 Every mode prints ``SR-BOOTED`` once the modules are loaded and the disks it needs are present;
 failures print ``SR-ERROR <text>``.
+
+**Agent variant** (``build_guest(..., agent=True)``): the initramfs also holds
+``/usr/sbin/qemu-ga`` with the shared libraries ``ldd`` lists (at the same paths), and the
+modules of :data:`AGENT_MODULES` (``virtio_console`` for the agent's port; ``ext4`` and its
+dependencies so that ``guest-fsfreeze-freeze`` has a real filesystem to freeze). Before the
+mode runs, ``/init`` mounts ``/dev/<sr.fs>`` (ext2/3/4, made by the host, e.g. with
+:func:`make_ext4_disk`) on ``/mnt`` when ``sr.fs`` is given, links the ``org.qemu.guest_agent.0``
+port to ``/dev/virtio-ports/`` and starts ``qemu-ga`` (log ``/tmp/qga.log``); it prints
+``SR-AGENT-STARTED`` (or ``SR-ERROR``) and ``SR-FS-MOUNTED <dev>``.
 """
 
 from __future__ import annotations
@@ -65,9 +83,12 @@ VIRTIO_MODULES = (
     "virtio_pci",
     "virtio_blk",
 )
-MODES = ("idle", "writer", "verify")
+#: Loaded after VIRTIO_MODULES by the agent variant, in this order (dependencies first).
+AGENT_MODULES = ("virtio_console", "crc16", "crc32c_generic", "mbcache", "jbd2", "ext4")
+QEMU_GA = Path("/usr/sbin/qemu-ga")
+MODES = ("idle", "writer", "verify", "linked")
 #: Bumped whenever the initramfs layout changes in a way the input hash cannot see.
-_LAYOUT_VERSION = "1"
+_LAYOUT_VERSION = "2"
 _PARAM_KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _PARAM_VALUE_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
@@ -82,6 +103,7 @@ fail() { echo "SR-ERROR $*"; poweroff -f; sleep 3600; }
 idle() { while true; do sleep 3600; done; }
 
 SR_mode=idle SR_seed=1 SR_interval_ms=200 SR_count= SR_start=0 SR_disk=vdb SR_marker=vda
+SR_partner=vdc SR_fs=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     sr.*=*)
@@ -95,6 +117,35 @@ done
 for m in @MODULES@; do
   insmod "/lib/modules/$m.ko" || fail "insmod $m"
 done
+
+start_agent() {  # qemu-ga on the org.qemu.guest_agent.0 port, if this initramfs has it
+  [ -x /usr/sbin/qemu-ga ] || return 0
+  n=0
+  port=
+  while [ -z "$port" ]; do
+    for p in /sys/class/virtio-ports/*; do
+      [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=${p##*/}
+    done
+    [ -n "$port" ] && [ -c "/dev/$port" ] && break
+    port=
+    n=$((n + 1)); [ $n -gt 100 ] && { echo "SR-ERROR no guest agent port"; return 0; }
+    usleep 50000
+  done
+  mkdir -p /dev/virtio-ports /var/run /tmp/qga
+  ln -sf "/dev/$port" /dev/virtio-ports/org.qemu.guest_agent.0
+  LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu \
+    /usr/sbin/qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 \
+    -t /tmp/qga -l /tmp/qga.log &
+  echo SR-AGENT-STARTED
+}
+
+mount_fs() {  # the filesystem qemu-ga freezes
+  [ -n "$SR_fs" ] || return 0
+  wait_disk "$SR_fs"
+  mkdir -p /mnt
+  mount -t ext4 "/dev/$SR_fs" /mnt || fail "mount /dev/$SR_fs"
+  echo "SR-FS-MOUNTED $SR_fs"
+}
 
 wait_disk() {
   n=0
@@ -148,7 +199,30 @@ verify() {
   idle
 }
 
+linked() {
+  wait_disk "$SR_disk"
+  wait_disk "$SR_partner"
+  echo SR-BOOTED
+  i=$SR_start
+  while [ -z "$SR_count" ] || [ $i -lt $((SR_start + SR_count)) ]; do
+    record $i
+    dd if=/tmp/rec of="/dev/$SR_disk" bs=65536 seek=$i count=1 conv=notrunc,fsync \
+      2>/dev/null || fail "write $i"
+    dd if=/tmp/rec of="/dev/$SR_partner" bs=65536 seek=$i count=1 conv=notrunc,fsync \
+      2>/dev/null || fail "partner $i"
+    echo "SR-LINKED $i"
+    i=$((i + 1))
+    [ "$SR_interval_ms" -gt 0 ] && usleep $((SR_interval_ms * 1000))
+  done
+  echo "SR-WRITER-DONE $((i - SR_start))"
+  idle
+}
+
+mount_fs
+start_agent
+
 case "$SR_mode" in
+  linked) linked ;;
   writer) writer ;;
   verify) verify ;;
   idle) echo SR-BOOTED; idle ;;
@@ -171,6 +245,7 @@ class ConsoleLog:
 
     booted: bool = False
     wrote: dict[int, str] = field(default_factory=dict)
+    linked: set[int] = field(default_factory=set)
     have: dict[int, str] = field(default_factory=dict)
     verify_done: int | None = None
     writer_done: int | None = None
@@ -203,7 +278,7 @@ def marker_offset(i: int) -> int:
 
 
 _CONSOLE_RE = re.compile(
-    r"^(?P<tag>SR-BOOTED|SR-WROTE|SR-HAVE|SR-VERIFY-DONE|SR-WRITER-DONE|SR-ERROR)"
+    r"^(?P<tag>SR-BOOTED|SR-WROTE|SR-HAVE|SR-VERIFY-DONE|SR-WRITER-DONE|SR-ERROR|SR-LINKED)"
     r"(?: (?P<rest>.*?))?\s*$",
     re.MULTILINE,
 )
@@ -221,6 +296,8 @@ def parse_console(text: str) -> ConsoleLog:
             if len(parts) == 2 and parts[0].isdigit() and re.fullmatch(r"[0-9a-f]{64}", parts[1]):
                 target = log.wrote if tag == "SR-WROTE" else log.have
                 target[int(parts[0])] = parts[1]
+        elif tag == "SR-LINKED" and rest.isdigit():
+            log.linked.add(int(rest))
         elif tag == "SR-VERIFY-DONE" and rest.isdigit():
             log.verify_done = int(rest)
         elif tag == "SR-WRITER-DONE" and rest.isdigit():
@@ -288,27 +365,72 @@ def build_guest(
     boot_dir: Path = Path("/boot"),
     modules_root: Path = Path("/lib/modules"),
     busybox: Path = Path("/bin/busybox"),
+    agent: bool = False,
+    qemu_ga: Path = QEMU_GA,
 ) -> GuestImage:
     """Return the demo guest, building its initramfs into ``cache_dir`` when needed.
 
     The initramfs file is named by a hash of everything that goes into it (kernel version,
-    module and busybox bytes, init script), so it is rebuilt exactly when an input changes; it is
-    written to a temporary file, fsynced and renamed, so a reader never sees a partial file.
-    Raises NotFoundError when no usable kernel, module or busybox is installed.
+    module and busybox bytes, init script, and for the ``agent`` variant qemu-ga and its
+    libraries), so it is rebuilt exactly when an input changes; it is written to a temporary
+    file, fsynced and renamed, so a reader never sees a partial file. Raises NotFoundError when
+    no usable kernel, module, busybox (or, with ``agent``, qemu-ga) is installed.
     """
     kernel, version = find_kernel(boot_dir, modules_root)
-    modules = _load_modules(modules_root / version)
+    names = VIRTIO_MODULES + (AGENT_MODULES if agent else ())
+    modules = _load_modules(modules_root / version, names)
     if not busybox.is_file():
         raise NotFoundError(f"no busybox at {busybox}", hint="install busybox-static")
     bb = busybox.read_bytes()
     applets = _applets(busybox)
+    extra = _agent_files(qemu_ga) if agent else {}
     init = INIT_SCRIPT.replace("@MODULES@", " ".join(modules))
-    digest = _inputs_digest(version, modules, bb, applets, init)
-    initrd = cache_dir / f"sr-guest-{digest[:20]}.initrd.gz"
+    digest = _inputs_digest(version, {**modules, **extra}, bb, applets, init)
+    suffix = "-agent" if agent else ""
+    initrd = cache_dir / f"sr-guest{suffix}-{digest[:20]}.initrd.gz"
     if not initrd.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(initrd, _initramfs(init, bb, applets, modules))
+        _write_atomic(initrd, _initramfs(init, bb, applets, modules, extra))
     return GuestImage(kernel=kernel, initrd=initrd)
+
+
+def _agent_files(qemu_ga: Path) -> dict[str, bytes]:
+    """qemu-ga and every shared library ``ldd`` resolves for it, keyed by initramfs path."""
+    if not qemu_ga.is_file():
+        raise NotFoundError(f"no guest agent at {qemu_ga}", hint="install qemu-guest-agent")
+    files = {str(qemu_ga).lstrip("/"): qemu_ga.read_bytes()}
+    for line in _run(["ldd", str(qemu_ga)]).splitlines():
+        match = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+        if match:
+            lib = Path(match.group(1))
+            files[str(lib).lstrip("/")] = lib.read_bytes()  # through symlinks: the real bytes
+        elif "not found" in line:
+            raise NotFoundError(f"qemu-ga needs a library that is missing: {line.strip()}")
+    return files
+
+
+def make_ext4_disk(path: Path, size: int, *, files: Mapping[str, bytes] | None = None) -> None:
+    """Create a qcow2 image of ``size`` bytes holding a fresh ext4 filesystem (``mkfs.ext4``).
+
+    ``files`` are written into its root directory (name -> bytes) with ``debugfs``. The
+    filesystem has no metadata checksums, so the guest needs no crc32c module for them.
+    """
+    if path.exists():
+        raise InputError(f"{path} already exists", hint="remove it or pick another path")
+    raw = path.with_name(path.name + ".raw")
+    try:
+        make_disk(raw, size, "raw", overwrite=True)
+        _run(["mkfs.ext4", "-q", "-F", "-O", "^metadata_csum", "-L", "srdata", str(raw)])
+        for name, data in (files or {}).items():
+            src = path.with_name(f".{name}.src")
+            src.write_bytes(data)
+            try:
+                _run(["debugfs", "-w", "-R", f"write {src} {name}", str(raw)])
+            finally:
+                src.unlink(missing_ok=True)
+        _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)])
+    finally:
+        raw.unlink(missing_ok=True)
 
 
 def find_kernel(boot_dir: Path, modules_root: Path) -> tuple[Path, str]:
@@ -331,12 +453,14 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", version))
 
 
-def _load_modules(mod_dir: Path) -> dict[str, bytes]:
-    """The virtio modules as uncompressed .ko bytes, in load order; built-in ones are skipped."""
+def _load_modules(mod_dir: Path, names: Iterable[str] = VIRTIO_MODULES) -> dict[str, bytes]:
+    """The modules ``names`` as uncompressed .ko bytes, in load order; built-in ones are
+    skipped."""
+    names = tuple(names)
     builtin = _module_names(mod_dir / "modules.builtin")
-    files = _module_files(mod_dir)
+    files = _module_files(mod_dir, names)
     modules: dict[str, bytes] = {}
-    for name in VIRTIO_MODULES:
+    for name in names:
         if name in files:
             modules[name] = _decompress(files[name])
         elif name not in builtin:
@@ -359,7 +483,7 @@ def _module_name(path: Path) -> str:
     return path.name.split(".ko", 1)[0].replace("-", "_")
 
 
-def _module_files(mod_dir: Path) -> dict[str, Path]:
+def _module_files(mod_dir: Path, names: Iterable[str] = VIRTIO_MODULES) -> dict[str, Path]:
     """Map module name -> file, from modules.dep when present, else by walking kernel/."""
     dep = mod_dir / "modules.dep"
     if dep.is_file():
@@ -367,7 +491,7 @@ def _module_files(mod_dir: Path) -> dict[str, Path]:
         paths: Iterable[Path] = (mod_dir / rel for rel in rels)
     else:
         paths = (mod_dir / "kernel").rglob("*.ko*")
-    wanted = set(VIRTIO_MODULES)
+    wanted = set(names)
     return {_module_name(p): p for p in paths if _module_name(p) in wanted and p.is_file()}
 
 
@@ -400,9 +524,21 @@ def _inputs_digest(
     return h.hexdigest()
 
 
-def _initramfs(init: str, bb: bytes, applets: list[str], modules: Mapping[str, bytes]) -> bytes:
+def _initramfs(
+    init: str,
+    bb: bytes,
+    applets: list[str],
+    modules: Mapping[str, bytes],
+    extra: Mapping[str, bytes] | None = None,
+) -> bytes:
     cpio = CpioWriter()
-    for d in ("bin", "dev", "lib", "lib/modules", "proc", "sys", "tmp"):
+    dirs = {"bin", "dev", "lib", "lib/modules", "proc", "sys", "tmp", "mnt"}
+    for name in extra or {}:
+        parent = Path(name).parent
+        while str(parent) != ".":
+            dirs.add(str(parent))
+            parent = parent.parent
+    for d in sorted(dirs, key=lambda d: (d.count("/"), d)):
         cpio.directory(d)
     cpio.device("dev/console", major=5, minor=1)
     cpio.file("bin/busybox", bb, mode=0o755)
@@ -411,6 +547,8 @@ def _initramfs(init: str, bb: bytes, applets: list[str], modules: Mapping[str, b
             cpio.symlink(f"bin/{applet}", "busybox")
     for name, data in modules.items():
         cpio.file(f"lib/modules/{name}.ko", data, mode=0o644)
+    for name, data in (extra or {}).items():
+        cpio.file(name, data, mode=0o755)
     cpio.file("init", init.encode(), mode=0o755)
     # mtime=0 keeps the output a pure function of its inputs.
     return gzip.compress(cpio.finish(), compresslevel=6, mtime=0)

@@ -11,6 +11,8 @@ Files of a VM named ``NAME`` in ``workdir``::
     NAME.serial.log   the guest's first serial port, truncated at each start
     NAME.log          QEMU's own stdout and stderr
     NAME.pid          QEMU's pidfile
+    NAME.qga          the guest agent's socket (only with ``guest_agent``): a virtio-serial
+                      port named ``org.qemu.guest_agent.0`` in the guest
 
 A storage daemon uses ``qsd.qmp``, ``nbd.sock``, ``qsd.log`` and ``qsd.pid`` in its workdir.
 
@@ -92,7 +94,9 @@ class VmProcessSpec:
 
     ``accel`` is "tcg" or "kvm" (use :func:`probe_accel`). ``nics`` lists NIC kinds; only
     "user" (user-mode networking on virtio-net) exists so far. With ``no_reboot`` a guest
-    reboot makes QEMU exit, which is what a test harness wants to see.
+    reboot makes QEMU exit, which is what a test harness wants to see. ``guest_agent`` adds
+    a virtio-serial controller and the ``org.qemu.guest_agent.0`` port on ``NAME.qga``, where
+    :class:`~siterecovery.hypervisor.guestagent.GuestAgent` talks to qemu-ga in the guest.
     """
 
     name: str
@@ -108,6 +112,12 @@ class VmProcessSpec:
     extra_args: list[str] = field(default_factory=list)
     machine: str = "q35"
     no_reboot: bool = True
+    guest_agent: bool = False
+
+    @property
+    def qga_path(self) -> Path:
+        """The host side of the guest agent's port (meaningful with ``guest_agent``)."""
+        return self.workdir / f"{self.name}.qga"
 
     def validate(self) -> None:
         """Raise InputError/NotFoundError for anything QEMU would reject or misread."""
@@ -129,6 +139,8 @@ class VmProcessSpec:
                 raise InputError(f"unknown NIC kind {nic!r}", hint="use 'user'")
         self._validate_boot()
         _check_socket_path(self.workdir / f"{self.name}.qmp")
+        if self.guest_agent:
+            _check_socket_path(self.qga_path)
 
     def _validate_boot(self) -> None:
         if self.kernel is None and (self.initrd is not None or self.append):
@@ -169,7 +181,18 @@ def qemu_argv(spec: VmProcessSpec) -> list[str]:
         ]
     for n, _kind in enumerate(spec.nics):
         argv += ["-netdev", f"user,id=net{n}", "-device", f"virtio-net-pci,netdev=net{n}"]
+    if spec.guest_agent:
+        argv += _guest_agent_args(spec.qga_path)
     return argv + list(spec.extra_args)
+
+
+def _guest_agent_args(path: Path) -> list[str]:
+    """virtio-serial with qemu-ga's well-known port, its host side a unix socket server."""
+    return _pairs(
+        ("-device", "virtio-serial-pci,id=sr-vser0"),
+        ("-chardev", f"socket,id=sr-qga0,path={_opt(path)},server=on,wait=off"),
+        ("-device", "virtserialport,bus=sr-vser0.0,chardev=sr-qga0,name=org.qemu.guest_agent.0"),
+    )
 
 
 _BASE_OPTS = ("-nodefaults", "-no-user-config", "-display", "none")
