@@ -18,6 +18,8 @@ ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 if [ "$mode" = test ]; then
   have_cmd rsync || need+=(rsync)
   [ -x /usr/bin/time ] || need+=(time)
+  [ -x /usr/sbin/qemu-ga ] || need+=(qemu-guest-agent)   # copied into the agent test guest
+  have_cmd mkfs.ext4 || need+=(e2fsprogs)                # the guest's frozen filesystem
 fi
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
