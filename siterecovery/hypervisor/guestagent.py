@@ -193,25 +193,35 @@ class GuestAgent:
 
     # -- quiescing -----------------------------------------------------------------------
 
+    def freeze(self, *, timeout: float = FREEZE_TIMEOUT) -> int:
+        """Freeze the guest's filesystems within ``timeout``; return how many were frozen.
+
+        On failure (the agent refused, or did not answer in time) a thaw is still sent, since
+        the agent may complete the freeze later, and the error is raised.
+        """
+        try:
+            return self.fsfreeze_freeze(timeout=timeout)
+        except BaseException:
+            self.thaw()
+            raise
+
+    def thaw(self) -> None:
+        """Thaw the guest for sure: retried on fresh connections (:data:`THAW_ATTEMPTS`) until
+        the agent reports *thawed*; :class:`GuestLeftFrozen` if it never does."""
+        self._thaw_for_sure()
+
     @contextmanager
     def quiesce(self, *, freeze_timeout: float = FREEZE_TIMEOUT) -> Iterator[int]:
         """Freeze the guest's filesystems for the ``with`` body; yield how many are frozen.
 
-        The freeze is bounded: if it does not complete within ``freeze_timeout`` the call
-        fails (a thaw is still sent, since the agent may complete the freeze later). The thaw
-        runs on **every** path out of the body, the body's errors included; a thaw that fails
-        is retried on fresh connections (:data:`THAW_ATTEMPTS`), and if the guest still cannot
-        be thawed :class:`GuestLeftFrozen` is raised (chained to the body's error, if any).
+        The freeze is bounded by ``freeze_timeout`` (see :meth:`freeze`). The thaw runs on
+        **every** path out of the body, the body's errors included (see :meth:`thaw`).
         """
-        try:
-            count = self.fsfreeze_freeze(timeout=freeze_timeout)
-        except BaseException:
-            self._thaw_for_sure()
-            raise
+        count = self.freeze(timeout=freeze_timeout)
         try:
             yield count
         finally:
-            self._thaw_for_sure()
+            self.thaw()
 
     def _thaw_for_sure(self) -> None:
         errors: list[str] = []

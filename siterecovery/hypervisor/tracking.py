@@ -20,11 +20,23 @@ A cycle:
    node) and then either removes bitmap ``G`` (shipped) or **merges** it into ``G+1`` before
    removing it (not shipped), so no change is ever lost.
 
+App-consistent points: ``begin(quiesce=...)`` wraps **only** the transaction in the caller's
+quiesce context (the guest agent's filesystem freeze), so the guest is frozen for the few
+milliseconds the transaction takes, not while overlays are created or exports added. The
+context yields the :class:`~siterecovery.domain.Consistency` actually obtained (a guest without
+an agent yields *crash*); it is recorded in the view.
+
+Step hooks: ``begin(hook=...)`` calls ``hook(step)`` at the named points of :data:`STEPS`
+(tests stop or kill the agent there).
+
 Crash safety: names of everything a cycle creates start with ``sre-``/``srj-``/``srf-``, so
 :meth:`ChangeTracker.reconcile` (run at the start of every cycle) can remove what a killed agent
 left behind and fold leftover bitmaps into the newest one. A bitmap that QEMU reports
 ``inconsistent`` (QEMU crashed), a missing bitmap, or a newest bitmap that is not recording
-cannot be trusted: :class:`BitmapError` is raised and the VM must be resynchronized.
+cannot be trusted: :class:`BitmapError` is raised and the VM must be resynchronized. So is a
+**stale** bitmap, whose generation is older than the one the last recovery point recorded (the
+image was rolled back), and a **foreign** one: a bitmap of this product for another
+relationship on a disk that lacks ours.
 """
 
 from __future__ import annotations
@@ -32,17 +44,24 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from siterecovery.domain import Consistency
 from siterecovery.hypervisor.errors import BitmapError, QmpError
 from siterecovery.hypervisor.qmp import QmpSession
 
 GRANULARITY = 64 * 1024
+#: Named steps of a cycle at which ``hook(step)`` is called (in this order).
+STEPS = ("before-transaction", "after-transaction", "exported")
+Quiesce = Callable[[], AbstractContextManager[Consistency]]
+"""A factory of the context that wraps the transaction; it yields the consistency obtained."""
+StepHook = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -81,6 +100,9 @@ class CycleView:
     initial: bool
     captured_at: datetime
     disks: tuple[DiskView, ...]
+    consistency: Consistency = Consistency.CRASH
+    #: seconds the guest was quiesced (0 for a crash-consistent view)
+    quiesced_s: float = 0.0
 
 
 class ChangeTracker:
@@ -120,27 +142,61 @@ class ChangeTracker:
 
     # -- cycle -----------------------------------------------------------------------------
 
-    def begin(self, *, initial: bool) -> CycleView:
+    def begin(
+        self,
+        *,
+        initial: bool,
+        quiesce: Quiesce | None = None,
+        hook: StepHook | None = None,
+        min_generation: int | None = None,
+    ) -> CycleView:
         """Freeze every disk at one instant and export the views; see the module docstring.
 
         ``initial=True`` starts tracking from scratch (any old bitmaps of this relationship
         are dropped, since the full copy covers them). Raises :class:`BitmapError` when a
-        delta cycle finds tracking state it cannot trust.
+        delta cycle finds tracking state it cannot trust, including a newest bitmap older
+        than ``min_generation`` (the generation the last recovery point recorded).
         """
+        step = hook or _no_hook
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with self._qmp() as qmp:
             disks = self._discover(qmp)
             if initial:
+                self._cleanup_leftovers(qmp, disks)
                 self._drop_bitmaps(qmp, disks)
                 generation = 0
             else:
-                generation = self._reconcile(qmp, disks)
+                generation = self._reconcile(qmp, disks, min_generation)
             for disk in disks:
                 self._add_overlay(qmp, disk)
-            captured_at = self._transaction(qmp, disks, generation, initial=initial)
+            step("before-transaction")
+            captured_at, consistency, quiesced_s = self._frozen_transaction(
+                qmp, disks, generation, initial=initial, quiesce=quiesce
+            )
+            step("after-transaction")
             self._start_nbd(qmp)
             views = tuple(self._export(qmp, d, None if initial else generation) for d in disks)
-        return CycleView(self.nbd_socket, generation + 1, initial, captured_at, views)
+            step("exported")
+        return CycleView(
+            self.nbd_socket, generation + 1, initial, captured_at, views, consistency, quiesced_s
+        )
+
+    def _frozen_transaction(
+        self,
+        qmp: QmpSession,
+        disks: list[TrackedDisk],
+        generation: int,
+        *,
+        initial: bool,
+        quiesce: Quiesce | None,
+    ) -> tuple[datetime, Consistency, float]:
+        if quiesce is None:
+            return self._transaction(qmp, disks, generation, initial=initial), Consistency.CRASH, 0
+        started = time.monotonic()
+        with quiesce() as consistency:
+            captured_at = self._transaction(qmp, disks, generation, initial=initial)
+        quiesced = time.monotonic() - started if consistency == Consistency.APP else 0.0
+        return captured_at, consistency, quiesced
 
     def end(self, view: CycleView, *, shipped: bool) -> None:
         """Tear the cycle down; keep its changes tracked unless they were ``shipped``.
@@ -165,7 +221,7 @@ class ChangeTracker:
         Raises :class:`BitmapError` when the tracking state cannot be trusted.
         """
         with self._qmp() as qmp:
-            return self._reconcile(qmp, self._discover(qmp))
+            return self._reconcile(qmp, self._discover(qmp), None)
 
     def pending_bytes(self) -> dict[str, int]:
         """Bytes each disk has changed since its last shipped cycle (its change log's size).
@@ -176,7 +232,7 @@ class ChangeTracker:
         """
         with self._qmp() as qmp:
             disks = self._discover(qmp)
-            self._reconcile(qmp, disks)
+            self._reconcile(qmp, disks, None)
             return {
                 d.name: sum(int(b.get("count", 0)) for b in self._our_bitmaps(qmp, d.node))
                 for d in disks
@@ -232,12 +288,22 @@ class ChangeTracker:
                 ]
         raise BitmapError(f"block node {node} disappeared from the VM")
 
+    def _foreign_bitmaps(self, qmp: QmpSession, node: str) -> list[str]:
+        """Names of siterecovery bitmaps (``sr-``) of other relationships on ``node``."""
+        for entry in qmp.cmd("query-named-block-nodes", flat=True):
+            if entry.get("node-name") == node:
+                names = [str(b.get("name", "")) for b in entry.get("dirty-bitmaps", [])]
+                return [n for n in names if n.startswith("sr-") and not n.startswith(self.prefix)]
+        return []
+
     def _drop_bitmaps(self, qmp: QmpSession, disks: list[TrackedDisk]) -> None:
         for disk in disks:
             for bitmap in self._our_bitmaps(qmp, disk.node):
                 qmp.cmd("block-dirty-bitmap-remove", node=disk.node, name=bitmap["name"])
 
-    def _reconcile(self, qmp: QmpSession, disks: list[TrackedDisk]) -> int:
+    def _reconcile(
+        self, qmp: QmpSession, disks: list[TrackedDisk], min_generation: int | None
+    ) -> int:
         self._cleanup_leftovers(qmp, disks)
         generations = {self._reconcile_disk(qmp, d) for d in disks}
         if len(generations) != 1:
@@ -245,12 +311,25 @@ class ChangeTracker:
                 f"disks of the VM track different generations {sorted(generations)}: a disk "
                 "was added or its bitmap replaced"
             )
-        return generations.pop()
+        generation = generations.pop()
+        if min_generation is not None and generation < min_generation:
+            raise BitmapError(
+                f"change tracking is stale: the disks carry bitmap generation {generation} "
+                f"but the last recovery point was taken at generation {min_generation} (was "
+                "the image restored from an older copy?)"
+            )
+        return generation
 
     def _reconcile_disk(self, qmp: QmpSession, disk: TrackedDisk) -> int:
         """Validate one disk's bitmaps, fold leftovers into the newest, return its generation."""
         bitmaps = self._our_bitmaps(qmp, disk.node)
         if not bitmaps:
+            foreign = self._foreign_bitmaps(qmp, disk.node)
+            if foreign:
+                raise BitmapError(
+                    f"disk {disk.name}: change tracking bitmap is missing; the disk carries "
+                    f"{', '.join(foreign)} of another replication relationship instead"
+                )
             raise BitmapError(f"disk {disk.name}: change tracking bitmap is missing")
         for bitmap in bitmaps:
             if bitmap.get("inconsistent"):
@@ -403,6 +482,10 @@ def _job_id(node: str) -> str:
 
 def _export_id(node: str) -> str:
     return f"sre-{_short(node)}"
+
+
+def _no_hook(step: str) -> None:
+    """The default step hook: nothing."""
 
 
 def _action(kind: str, data: dict[str, Any]) -> dict[str, Any]:

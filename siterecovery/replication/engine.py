@@ -2,7 +2,12 @@
 
 Contract of :meth:`Replicator.run_cycle`:
 
-- every disk of the VM is captured at one instant (:meth:`ChangeTracker.begin`);
+- every disk of the VM is captured at one instant (:meth:`ChangeTracker.begin`); with a
+  ``quiesce`` context (the guest agent's filesystem freeze, :func:`agent_quiesce`) around that
+  instant the point is *app-consistent*, else *crash-consistent*, and the point records which;
+- a delta cycle first checks that the VM has the disks (names and sizes) of the previous
+  point: a disk added, removed or resized raises :class:`DiskLayoutChanged` before anything
+  is frozen (the VM then needs a resync, which copies new and resized disks whole);
 - the initial cycle copies each disk's allocated blocks into a **base** (holes and zero
   ranges are skipped); a delta cycle copies exactly the dirty extents into one **delta
   segment** per disk;
@@ -10,28 +15,53 @@ Contract of :meth:`Replicator.run_cycle`:
 - on success the frozen change log is dropped; on any failure it is merged back into the live
   one, so the next cycle ships those changes again and nothing is lost. The error propagates.
 
-Disks are read in parallel, one NBD connection per disk. Hashing, compression and uploads run
-on the store's own worker threads (blake3 and zstandard release the GIL).
+Disks are read in parallel, one NBD connection per disk, each with up to
+:data:`READ_IN_FLIGHT` pipelined requests of :data:`READ_REQUEST` bytes. Hashing, compression
+and uploads run on the store's own worker threads (blake3 and zstandard release the GIL);
+:func:`cycle_memory` is the memory bound a runner budgets for one cycle.
+
+``hook(step)`` is called at each named step (:data:`CYCLE_STEPS`): the tracker's steps, then
+``shipping`` (the first data was read), then ``published`` (the point exists; teardown next).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from siterecovery.domain import Consistency
+from siterecovery.errors import HypervisorError
+from siterecovery.hypervisor.guestagent import GuestAgent, GuestLeftFrozen
 from siterecovery.hypervisor.nbd import NbdClient
-from siterecovery.hypervisor.tracking import ChangeTracker, CycleView, DiskView
+from siterecovery.hypervisor.tracking import (
+    STEPS,
+    ChangeTracker,
+    CycleView,
+    DiskView,
+    Quiesce,
+    StepHook,
+    TrackedDisk,
+)
+from siterecovery.replication.errors import DiskLayoutChanged
 from siterecovery.store.leases import acquire_lease
 from siterecovery.store.manifest import DiskChain, PointManifest
 from siterecovery.store.repository import ReplicaStore
 
+log = logging.getLogger(__name__)
+
 #: Largest NBD read request; 2-8 MiB requests read at socket speed.
 READ_REQUEST = 4 << 20
+#: NBD read requests outstanding per disk (pipelining).
+READ_IN_FLIGHT = 8
+CYCLE_STEPS = (*STEPS, "shipping", "published")
 
 Progress = Callable[[str, int, int], None]
 """progress(disk, bytes_done, bytes_total)"""
@@ -56,6 +86,13 @@ class CycleResult:
     captured_at: datetime
     duration_s: float
     disks: tuple[DiskCycleStats, ...] = field(default=())
+    generation: int = 0
+    quiesced_s: float = 0.0
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def consistency(self) -> Consistency:
+        return Consistency(self.point.consistency)
 
     @property
     def bytes_read(self) -> int:
@@ -75,6 +112,10 @@ class CycleResult:
             "bytes_shipped": self.bytes_shipped,
             "extents": sum(d.extents for d in self.disks),
             "captured_at": self.captured_at.isoformat(),
+            "consistency": str(self.consistency),
+            "quiesced_s": round(self.quiesced_s, 3),
+            "generation": self.generation,
+            "warnings": list(self.warnings),
         }
 
 
@@ -101,9 +142,11 @@ class CycleRun:
         ship: ShipFn,
         previous: PointManifest | None,
         *,
-        consistency: Consistency,
+        consistency: Consistency | None = None,
         base: bool,
+        hook: StepHook | None = None,
     ) -> tuple[CycleView, PointManifest, tuple[Any, ...]]:
+        """Run one frame; the point's consistency is ``consistency`` or else the view's."""
         roots = [ref.key for chain in (previous.disks.values() if previous else ())
                  for ref in chain.refs()]  # fmt: skip
         purpose = "base" if base else "cycle"
@@ -114,9 +157,11 @@ class CycleRun:
             try:
                 chains, stats = ship(view, previous)
                 point = self.store.publish_point(
-                    self.vm, chains, consistency=str(consistency),
+                    self.vm, chains, consistency=str(consistency or view.consistency),
                     vm_config=dict(self.vm_config), created_at=view.captured_at,
                 )  # fmt: skip
+                if hook is not None:
+                    hook("published")
             except BaseException:
                 self.tracker.end(view, shipped=False)
                 raise
@@ -141,21 +186,40 @@ class Replicator:
         self.vm = vm
         self.vm_config = dict(vm_config or {})
         self.progress = progress
+        self._hook: StepHook | None = None
+        self._shipping_seen = threading.Event()
 
     def run_cycle(
         self,
         previous: PointManifest | None,
         *,
-        consistency: Consistency = Consistency.CRASH,
+        quiesce: Quiesce | None = None,
+        hook: StepHook | None = None,
+        min_generation: int | None = None,
     ) -> CycleResult:
-        """Run one cycle: initial when ``previous`` is None, else a delta on top of it."""
+        """Run one cycle: initial when ``previous`` is None, else a delta on top of it.
+
+        ``quiesce`` wraps the freezing transaction (app-consistent points); ``min_generation``
+        is the bitmap generation the previous point recorded (older bitmaps are stale).
+        """
         started = time.monotonic()
+        if previous is not None:
+            check_layout(self.tracker.disks(), previous)
+        self._hook = hook
+        self._shipping_seen = threading.Event()
         cycle = CycleRun(self.tracker, self.store, self.vm, self.vm_config)
+        # Options go to begin() only when set, so trackers that wrap begin(initial=...) work.
+        options: dict[str, Any] = {"quiesce": quiesce, "hook": hook,
+                                   "min_generation": min_generation}  # fmt: skip
+        options = {k: v for k, v in options.items() if v is not None}
         view, point, stats = cycle.run(
-            lambda: self.tracker.begin(initial=previous is None), self._ship, previous,
-            consistency=consistency, base=previous is None,
+            lambda: self.tracker.begin(initial=previous is None, **options),
+            self._ship, previous, base=previous is None, hook=hook,
         )  # fmt: skip
-        return CycleResult(point, view.initial, view.captured_at, time.monotonic() - started, stats)
+        return CycleResult(
+            point, view.initial, view.captured_at, time.monotonic() - started, stats,
+            generation=view.generation, quiesced_s=view.quiesced_s,
+        )  # fmt: skip
 
     def _ship(
         self, view: CycleView, previous: PointManifest | None
@@ -211,15 +275,106 @@ class Replicator:
         total = sum(length for _, length in ranges)
         done = 0
         try:
-            for offset, data in nbd.pread_many(ranges, max_request=READ_REQUEST):
+            pieces = nbd.pread_many(ranges, max_request=READ_REQUEST, in_flight=READ_IN_FLIGHT)
+            for offset, data in pieces:
                 sink(offset, data)
                 done += len(data)
+                self._shipping()
                 if self.progress:
                     self.progress(disk, done, total)
         except BaseException:
             abort()
             raise
         return done
+
+
+    def _shipping(self) -> None:
+        """Call the ``shipping`` hook once per cycle, at the first data stored."""
+        if self._hook is not None and not self._shipping_seen.is_set():
+            self._shipping_seen.set()
+            self._hook("shipping")
+
+
+def cycle_memory(disks: int, store: ReplicaStore) -> int:
+    """Bytes one cycle of a VM with ``disks`` disks may hold at once: per disk, the pipelined
+    NBD reads plus the store writer's blocks in flight (plain and compressed copies)."""
+    ctx = store.context
+    per_disk = READ_REQUEST * READ_IN_FLIGHT + 2 * ctx.max_in_flight * ctx.block_size
+    return max(1, disks) * per_disk
+
+
+def agent_quiesce(
+    agent_path: Path | None, warnings: list[str], *, freeze_timeout: float = 20.0
+) -> Quiesce:
+    """A :data:`Quiesce` factory that freezes the guest's filesystems through its agent.
+
+    If no agent answers on ``agent_path`` (none configured, socket missing, nobody runs
+    qemu-ga) or the freeze fails, the transaction runs anyway and the point is
+    crash-consistent: a warning is logged and appended to ``warnings`` (never an error).
+    The thaw is guaranteed by :meth:`GuestAgent.quiesce`; only a guest that cannot be thawed
+    raises (:class:`GuestLeftFrozen`).
+    """
+
+    @contextmanager
+    def quiesce() -> Iterator[Consistency]:
+        agent = _connect(agent_path, warnings)
+        if agent is None:
+            yield Consistency.CRASH
+            return
+        with agent:
+            try:
+                agent.freeze(timeout=freeze_timeout)
+            except GuestLeftFrozen:
+                raise
+            except HypervisorError as exc:
+                _warn(f"guest filesystem freeze failed ({exc}): crash-consistent point", warnings)
+                yield Consistency.CRASH
+                return
+            try:
+                yield Consistency.APP
+            finally:
+                agent.thaw()
+
+    return quiesce
+
+
+def _connect(agent_path: Path | None, warnings: list[str]) -> GuestAgent | None:
+    if agent_path is None:
+        _warn("no guest agent configured for the VM: crash-consistent point", warnings)
+        return None
+    try:
+        return GuestAgent.connect(agent_path)
+    except HypervisorError as exc:
+        _warn(f"guest agent unavailable ({exc}): crash-consistent point", warnings)
+        return None
+
+
+def _warn(text: str, warnings: list[str]) -> None:
+    log.warning("%s", text)
+    warnings.append(text)
+
+
+def check_layout(disks: Sequence[TrackedDisk], previous: PointManifest) -> None:
+    """Raise :class:`DiskLayoutChanged` naming each disk added, removed or resized since
+    ``previous`` (the VM then needs a resync: new and resized disks are copied whole)."""
+    now = {d.name: d.size for d in disks}
+    before = {name: chain.size for name, chain in previous.disks.items()}
+    changes = [f"disk {n} was added ({_mib(now[n])})" for n in sorted(now.keys() - before)]
+    changes += [f"disk {n} was removed" for n in sorted(before.keys() - now)]
+    changes += [
+        f"disk {n} was resized from {_mib(before[n])} to {_mib(now[n])}"
+        for n in sorted(now.keys() & before.keys())
+        if now[n] != before[n]
+    ]
+    if changes:
+        raise DiskLayoutChanged(
+            f"the VM's disks changed since recovery point {previous.point_id}: "
+            + "; ".join(changes)
+        )
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.6g} MiB"
 
 
 def block_ranges(
