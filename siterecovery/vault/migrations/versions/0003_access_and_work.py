@@ -50,13 +50,13 @@ def upgrade() -> None:
         sa.Column("used_by", sa.String(63), nullable=True),
         sa.UniqueConstraint("secret_digest", name=op.f("uq_registration_keys_secret_digest")),
         sa.ForeignKeyConstraint(
-            ["site_id"], ["sites.id"], ondelete="CASCADE",
+            ["site_id"],
+            ["sites.id"],
+            ondelete="CASCADE",
             name=op.f("fk_registration_keys_site_id_sites"),
         ),
     )
-    op.create_index(
-        op.f("ix_registration_keys_site_id"), "registration_keys", ["site_id"]
-    )
+    op.create_index(op.f("ix_registration_keys_site_id"), "registration_keys", ["site_id"])
     op.create_table(
         "work_leases",
         sa.Column("vm_id", sa.Integer(), primary_key=True),
@@ -70,7 +70,9 @@ def upgrade() -> None:
             ["vm_id"], ["vms.id"], ondelete="CASCADE", name=op.f("fk_work_leases_vm_id_vms")
         ),
         sa.ForeignKeyConstraint(
-            ["host_id"], ["hosts.id"], ondelete="CASCADE",
+            ["host_id"],
+            ["hosts.id"],
+            ondelete="CASCADE",
             name=op.f("fk_work_leases_host_id_hosts"),
         ),
     )
