@@ -9,6 +9,9 @@ test: setup-test
 	.venv/bin/mypy
 	.venv/bin/mypy bench tests/bench
 	.venv/bin/pytest -ra
+	# The vault, its API and the agent again, on PostgreSQL (a private cluster on 127.0.0.1).
+	SITERECOVERY_TEST_DATABASE_URL=$$(bash scripts/setup-postgres.sh) \
+	  .venv/bin/pytest -ra -q tests/vault tests/api tests/agent
 
 setup:
 	bash scripts/setup.sh runtime

@@ -18,6 +18,7 @@ from siterecovery import __version__
 from siterecovery.cli import failover_cmd, output
 from siterecovery.cli.context import Env
 from siterecovery.cli.resync_cmd import register_resync_commands
+from siterecovery.cli.service_cmd import register_service_commands
 from siterecovery.cli.store_cmd import store_app_factory
 from siterecovery.domain import parse_duration
 from siterecovery.errors import InputError, SiteRecoveryError
@@ -31,7 +32,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 policy_app = typer.Typer(help="Replication policies.", no_args_is_help=True)
-vault_app = typer.Typer(help="The vault: create it.", no_args_is_help=True)
+vault_app = typer.Typer(help="The vault: create it, serve its API.", no_args_is_help=True)
 vm_app = typer.Typer(help="VMs known to the vault.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 app.add_typer(vault_app, name="vault")
@@ -154,12 +155,15 @@ def vault_init(
             f"a vault already exists in {settings.workdir}",
             hint="use another --workdir, or remove that directory to start over",
         )
+    from siterecovery.api.server import pki_of
+
     open_backend(settings.store_url)  # a bad URL is refused before anything is created
     settings.workdir.mkdir(parents=True, exist_ok=True)
     keys = StoreKeys.generate()
     ReplicaStore.init(settings.store_url, keys, encrypted=encrypt)
     keys.save(settings.key_file)
     open_database(settings.vault_url).close()
+    pki_of(settings)  # the vault's CA and server certificate, pinned by agents and clients
     settings.save()
     output.out.print(f"vault: {settings.vault_url}\nstore: {settings.store_url}")
     output.out.print(
@@ -430,6 +434,7 @@ app.add_typer(failover_cmd.failover_app_factory(failover_cmd.current_env), name=
 
 
 register_resync_commands(app, _env)
+register_service_commands(app, _env)
 
 
 def main() -> None:

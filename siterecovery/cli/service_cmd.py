@@ -3,7 +3,7 @@
 
 ``token`` and ``registration-key`` act on the vault database of the work directory directly:
 they are run on the vault's host (the first admin token cannot come from the API).
-Wire them with ``register_service_commands(app, _env)`` in :mod:`siterecovery.cli.app`.
+Wired by ``register_service_commands(app, _env)`` in :mod:`siterecovery.cli.app`.
 """
 
 from __future__ import annotations
@@ -341,10 +341,3 @@ def _logging() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll is noise
-
-
-if __name__ == "__main__":  # until wired into the main app: python -m siterecovery.cli.service_cmd
-    from siterecovery.cli.app import _env, app, main
-
-    register_service_commands(app, _env)
-    main()

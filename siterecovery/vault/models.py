@@ -362,3 +362,8 @@ class NetworkMapping(Base):
 
     recovery_network: Mapped[RecoveryNetwork] = relationship(foreign_keys=[recovery_network_id])
     test_network: Mapped[RecoveryNetwork] = relationship(foreign_keys=[test_network_id])
+
+
+# The access and work tables share this metadata; import them so that every user of the
+# models (migrations, schema comparison, sessions) sees the whole schema.
+from siterecovery.vault import auth_models  # noqa: E402, F401

@@ -288,7 +288,7 @@ def create_policy(
     0 (off) to 12 and not above the retention; bandwidths are positive Mbit/s or None.
     """
     validate_name("policy", name)
-    _check_policy(copy_frequency_s, retention_h, app_consistent_h)
+    check_policy(copy_frequency_s, retention_h, app_consistent_h)
     parse_window(resync_window)
     if not isinstance(encryption, bool):
         raise InputError(f"encryption must be true or false, got {encryption!r}")
@@ -313,7 +313,7 @@ def create_policy(
         return PolicyRecord.of(row)
 
 
-def _check_policy(copy_frequency_s: int, retention_h: int, app_consistent_h: int) -> None:
+def check_policy(copy_frequency_s: int, retention_h: int, app_consistent_h: int) -> None:
     if isinstance(copy_frequency_s, bool) or copy_frequency_s not in COPY_FREQUENCIES_S:
         raise InputError(
             f"unknown copy frequency {copy_frequency_s!r}: "

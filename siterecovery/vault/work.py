@@ -38,7 +38,7 @@ from siterecovery.vault.records import HostRecord, PolicyRecord, ReplicatedVmRec
 from siterecovery.vault.service import (
     DISABLE_PROTECTION,
     ENABLE_PROTECTION,
-    _check_policy,
+    check_policy,
 )
 from siterecovery.vault.states import (
     REPLICATING_STATES,
@@ -225,7 +225,7 @@ def update_policy(db: Database, /, *, name: str, changes: dict[str, Any]) -> Pol
     with db.transaction() as txn:
         row = rows.policy(txn, name)
         merged = {f: getattr(row, f) for f in _POLICY_FIELDS} | changes
-        _check_policy(merged["copy_frequency_s"], merged["retention_h"],
+        check_policy(merged["copy_frequency_s"], merged["retention_h"],
                       merged["app_consistent_h"])  # fmt: skip
         parse_window(merged["resync_window"])
         if merged["encryption"] != row.encryption:
