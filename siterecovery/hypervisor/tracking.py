@@ -266,8 +266,15 @@ class ChangeTracker:
             if node not in found:
                 raise BitmapError(f"disk {name}: block node {node} does not exist")
             image = found[node].get("image", {})
-            disks.append(TrackedDisk(name, node, int(image.get("virtual-size", 0)),
-                                     str(image.get("filename", "")), str(image.get("format", ""))))
+            disks.append(
+                TrackedDisk(
+                    name,
+                    node,
+                    int(image.get("virtual-size", 0)),
+                    str(image.get("filename", "")),
+                    str(image.get("format", "")),
+                )
+            )
         return disks
 
     @contextmanager

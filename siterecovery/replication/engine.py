@@ -227,9 +227,7 @@ class Replicator:
         if previous is not None:
             _check_same_disks(view, previous)
         with ThreadPoolExecutor(max_workers=max(1, len(view.disks))) as pool:
-            futures = {
-                d.disk: pool.submit(self._ship_disk, view, d, previous) for d in view.disks
-            }
+            futures = {d.disk: pool.submit(self._ship_disk, view, d, previous) for d in view.disks}
             results = {name: f.result() for name, f in futures.items()}
         chains = {name: chain for name, (chain, _) in results.items()}
         return chains, tuple(stats for _, stats in results.values())
@@ -286,7 +284,6 @@ class Replicator:
             abort()
             raise
         return done
-
 
     def _shipping(self) -> None:
         """Call the ``shipping`` hook once per cycle, at the first data stored."""

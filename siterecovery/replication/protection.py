@@ -27,36 +27,59 @@ resync can fix move it to *resync required*. The error is then re-raised. Times 
 vault's clock (``db.now()``), which tests inject.
 
 The VM's QMP socket path is host-local configuration kept in the vault's VM record under
-``config["qmp"]``; everything else in ``config`` is the machine's description, replicated
-into every recovery point so the recovery site can start the same machine.
+``config["qmp"]``, and so is its guest agent socket (``config["qga"]``, optional); everything
+else in ``config`` is the machine's description, replicated into every recovery point so the
+recovery site can start the same machine.
+
+Per cycle, from the VM's policy:
+
+- **consistency**: when :func:`~siterecovery.replication.scheduler.app_consistent_due` says so
+  (no app-consistent point in the last ``app_consistent_h`` hours) the guest's filesystems are
+  frozen through its agent around the freezing transaction; a guest without an agent gets a
+  crash-consistent point and a warning (in the point's figures and the log), not an error;
+- **bandwidth**: the store is wrapped (``wrap_backend``) with the policy's work-hours or
+  off-hours limit, whichever applies when the cycle starts;
+- **powered-off VMs**: when the QMP monitor does not answer and the VM was shut down cleanly,
+  its images are opened offline (:mod:`siterecovery.replication.offline`) for the cycle;
+- **stale tracking**: the bitmap generation each point recorded must not go backwards.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from siterecovery.domain import DiskSpec, ReplicationState, validate_name
+from siterecovery.domain import Consistency, DiskSpec, ReplicationState, validate_name
 from siterecovery.errors import InputError, SiteRecoveryError
-from siterecovery.hypervisor.errors import VmNotFound
-from siterecovery.hypervisor.tracking import ChangeTracker, discover_disks
-from siterecovery.replication.engine import CycleResult, Progress, Replicator
+from siterecovery.hypervisor.errors import QmpError, VmNotFound
+from siterecovery.hypervisor.qmp import QmpSession
+from siterecovery.hypervisor.tracking import ChangeTracker, Quiesce, discover_disks
+from siterecovery.replication.engine import CycleResult, Progress, Replicator, agent_quiesce
 from siterecovery.replication.errors import ChangeLogTooLarge
 from siterecovery.replication.jobrun import JobListener, JobRun, TaskHandle
+from siterecovery.replication.offline import offline_tracker, powered_off
 from siterecovery.replication.resync import Resyncer, ResyncResult
 from siterecovery.replication.retry import Diagnosis, diagnose, next_retry_at
-from siterecovery.replication.scheduler import RESYNC_THRESHOLD, over_threshold
+from siterecovery.replication.scheduler import (
+    RESYNC_THRESHOLD,
+    app_consistent_due,
+    bandwidth_limit,
+    over_threshold,
+)
 from siterecovery.store.manifest import PointManifest
 from siterecovery.store.repository import ReplicaStore
+from siterecovery.store.wrappers import wrap_backend
 from siterecovery.vault import jobs, points, service
 from siterecovery.vault.db import Database
-from siterecovery.vault.records import JobRecord, ReplicatedVmRecord, VmRecord
+from siterecovery.vault.records import JobRecord, PolicyRecord, ReplicatedVmRecord, VmRecord
 from siterecovery.vault.states import REPLICATING_STATES
 
 S = ReplicationState
-HOST_LOCAL_KEYS = ("qmp",)
+HOST_LOCAL_KEYS = ("qmp", "qga")
 
 RESYNC = "resynchronize"
 RESYNC_TASKS = ("prepare resync", "compare and send blocks", "finalize resync")
@@ -90,9 +113,19 @@ class ProtectionService:
     # -- inventory -------------------------------------------------------------------------
 
     def register_vm(
-        self, *, host: str, name: str, qmp_path: Path, config: dict[str, Any]
+        self,
+        *,
+        host: str,
+        name: str,
+        qmp_path: Path,
+        config: dict[str, Any],
+        qga_path: Path | None = None,
     ) -> VmRecord:
-        """Record the VM reachable at ``qmp_path`` and its disks (as QEMU reports them)."""
+        """Record the VM reachable at ``qmp_path`` and its disks (as QEMU reports them).
+
+        ``qga_path`` is the host side of its guest agent port, if it has one (app-consistent
+        points need it).
+        """
         validate_name("VM", name)
         disks = [
             DiskSpec(d.name, d.size, node_name=d.node, path=d.filename, fmt=d.fmt)
@@ -101,6 +134,8 @@ class ProtectionService:
         if not disks:
             raise InputError(f"VM {name} has no writable disk to protect")
         full = {**config, "qmp": str(qmp_path)}
+        if qga_path is not None:
+            full["qga"] = str(qga_path)
         full.setdefault("disks", [{"name": d.name, "size": d.size, "fmt": d.fmt} for d in disks])
         return service.upsert_vm(self.db, host=host, name=name, config=full, disks=disks)
 
@@ -121,7 +156,7 @@ class ProtectionService:
             service.transition(
                 self.db, vm=vm, to_state=S.INITIAL_REPLICATION, reason="initial copy started"
             )
-            result = self._run_cycle(record, tracker, None)
+            result = self._run_cycle(record, tracker, None, policy=protection.replicated.policy)
             task.progress(100, result.figures())
         with self._task(run, "finalize protection", vm):
             service.transition(
@@ -135,7 +170,7 @@ class ProtectionService:
         protection = self._require_state(vm, {S.INITIAL_REPLICATION}, "retry its initial copy")
         tracker = self._tracker(record, protection.relationship_id.replace("-", ""))
         try:
-            result = self._run_cycle(record, tracker, None)
+            result = self._run_cycle(record, tracker, None, policy=protection.policy)
             service.transition(
                 self.db, vm=vm, to_state=S.PROTECTED, reason="initial replication complete"
             )
@@ -148,17 +183,20 @@ class ProtectionService:
         """Run one delta cycle of the protected ``vm`` and record its recovery point."""
         record = service.get_vm(self.db, name=vm)
         # Replication never stops for a drill (DESIGN §5): cycles run during a test failover.
-        protection = self._require_state(
-            vm, {S.PROTECTED, S.TEST_FAILOVER_RUNNING}, "run a cycle"
-        )
+        protection = self._require_state(vm, {S.PROTECTED, S.TEST_FAILOVER_RUNNING}, "run a cycle")
         latest = points.latest_point(self.db, vm=vm)
         if latest is None:
             raise InputError(f"VM {vm} has no recovery point to continue from")
         try:
             previous = self.store.load_point(vm, latest.point_id)
-            tracker = self._tracker(record, protection.relationship_id.replace("-", ""))
-            self._check_change_log(tracker)
-            return self._run_cycle(record, tracker, previous)
+            relationship = protection.relationship_id.replace("-", "")
+            generation = latest.figures.get("generation")
+            with self._open_tracker(record, relationship) as tracker:
+                self._check_change_log(tracker)
+                return self._run_cycle(
+                    record, tracker, previous, policy=protection.policy,
+                    min_generation=generation if isinstance(generation, int) else None,
+                )  # fmt: skip
         except Exception as exc:
             self.handle_failure(vm, exc)
             raise
@@ -194,18 +232,20 @@ class ProtectionService:
         run = JobRun(self.db, job.id, on_change=self.on_job)
         with self._task(run, "prepare resync", vm) as task:
             protection = service.get_protection(self.db, vm=vm)
-            tracker = self._tracker(record, protection.relationship_id.replace("-", ""))
+            relationship = protection.relationship_id.replace("-", "")
             previous = None if full else self._previous_point(vm)
             service.transition(self.db, vm=vm, to_state=S.RESYNCING, reason=reason)
             task.progress(100, {
                 "compare_with": previous.point_id if previous else None, "full": previous is None,
             })  # fmt: skip
         with self._task(run, "compare and send blocks", vm) as task:
-            resyncer = Resyncer(
-                tracker, self.store, vm,
-                vm_config=replica_config(record.config), progress=self.progress,
-            )  # fmt: skip
-            result = resyncer.run(previous)
+            store = self._store_for(service.get_policy(self.db, name=protection.policy))
+            with self._open_tracker(record, relationship, resync=True) as tracker:
+                resyncer = Resyncer(
+                    tracker, store, vm,
+                    vm_config=replica_config(record.config), progress=self.progress,
+                )  # fmt: skip
+                result = resyncer.run(previous)
             task.progress(100, result.figures())
         with self._task(run, "finalize resync", vm):
             self._record(vm, result.point, result.figures(), result.bytes_stored)
@@ -270,23 +310,86 @@ class ProtectionService:
     def _tracker(self, record: VmRecord, relationship: str) -> ChangeTracker:
         qmp = _qmp_path(record)
         if not qmp.exists():
-            raise VmNotFound(
-                f"VM {record.name} not found on this host: its QMP socket {qmp} does not exist",
-                hint="if the VM was deleted, disable protection; if it was moved or only shut "
-                "down, start it (or register it again), then run `siterecovery resync VM`",
-            )
+            raise self._missing(record, qmp)
         return ChangeTracker(qmp, self.run_dir / record.name, relationship)
 
+    @contextmanager
+    def _open_tracker(
+        self, record: VmRecord, relationship: str, *, resync: bool = False
+    ) -> Iterator[ChangeTracker]:
+        """The VM's tracker: over its running QEMU, or over its images when it is powered
+        off cleanly (:mod:`~siterecovery.replication.offline`). A resync of a powered-off VM
+        needs no clean bitmap (it starts a new one), only images nobody has open.
+
+        Raises the QMP error ("VM not reachable", retried) when QEMU does not answer and the
+        VM was not shut down cleanly, VmNotFound when neither QEMU nor its images are there.
+        """
+        qmp = _qmp_path(record)
+        try:
+            QmpSession.connect(qmp).close()
+        except QmpError:
+            # powered_off raises VmNotFound when the images are gone too (a deleted VM).
+            if not (resync or powered_off(record, relationship)):
+                if not qmp.exists():
+                    raise self._missing(record, qmp) from None
+                raise
+            with offline_tracker(record, relationship, self.run_dir / record.name) as tracker:
+                yield tracker
+            return
+        yield ChangeTracker(qmp, self.run_dir / record.name, relationship)
+
+    @staticmethod
+    def _missing(record: VmRecord, qmp: Path) -> VmNotFound:
+        return VmNotFound(
+            f"VM {record.name} not found on this host: its QMP socket {qmp} does not exist",
+            hint="if the VM was deleted, disable protection; if it was moved or only shut "
+            "down, start it (or register it again), then run `siterecovery resync VM`",
+        )
+
     def _run_cycle(
-        self, record: VmRecord, tracker: ChangeTracker, previous: PointManifest | None
+        self,
+        record: VmRecord,
+        tracker: ChangeTracker,
+        previous: PointManifest | None,
+        *,
+        policy: str,
+        min_generation: int | None = None,
     ) -> CycleResult:
+        rules = service.get_policy(self.db, name=policy)
+        warnings: list[str] = []
+        store = self._store_for(rules)
         replicator = Replicator(
-            tracker, self.store, record.name,
+            tracker, store, record.name,
             vm_config=replica_config(record.config), progress=self.progress,
         )  # fmt: skip
-        result = replicator.run_cycle(previous)
-        self._record(record.name, result.point, result.figures(), result.bytes_shipped)
+        quiesce = self._quiesce(record, rules, warnings)
+        result = replicator.run_cycle(previous, quiesce=quiesce, min_generation=min_generation)
+        result = dataclasses.replace(result, warnings=tuple(warnings))
+        figures = {**result.figures(), "bandwidth_limit_bps": _limit_of(store, self.store)}
+        self._record(record.name, result.point, figures, result.bytes_shipped)
         return result
+
+    def _quiesce(
+        self, record: VmRecord, policy: PolicyRecord, warnings: list[str]
+    ) -> Quiesce | None:
+        """The guest agent's freeze when the policy wants an app-consistent point now."""
+        last_app = max(
+            (p.created_at for p in points.list_points(self.db, vm=record.name)
+             if p.consistency == Consistency.APP),
+            default=None,
+        )  # fmt: skip
+        if not app_consistent_due(policy.app_consistent_h, last_app, self.db.now()):
+            return None
+        qga = record.config.get("qga")
+        return agent_quiesce(Path(str(qga)) if qga else None, warnings)
+
+    def _store_for(self, policy: PolicyRecord) -> ReplicaStore:
+        """The store, throttled to the policy's bandwidth limit for this time of day."""
+        limit = bandwidth_limit(
+            policy.resync_window, policy.bandwidth_work_mbps, policy.bandwidth_offhours_mbps,
+            self.db.now(),
+        )  # fmt: skip
+        return self.store if limit is None else throttled_store(self.store, limit)
 
     def _record(
         self, vm: str, point: PointManifest, figures: dict[str, Any], bytes_shipped: int
@@ -330,6 +433,25 @@ class ProtectionService:
             )
         self.store.list_points(record.name)  # the store answers and its points load
         return {"disks": [d.name for d in disks], "store": self.store.url}
+
+
+def throttled_store(store: ReplicaStore, limit_bps: float) -> ReplicaStore:
+    """A view of ``store`` whose backend is limited to ``limit_bps`` bytes per second.
+
+    Shares everything else (codec, keys, parallelism, what the store already knows). The
+    store has no public constructor from another opened store, so the copy swaps the backend
+    of its context here.
+    """
+    backend = wrap_backend(store.backend, retry=None, limit_bps=limit_bps)
+    view = copy.copy(store)
+    view.backend = backend
+    view._ctx = dataclasses.replace(store.context, backend=backend)
+    return view
+
+
+def _limit_of(store: ReplicaStore, unthrottled: ReplicaStore) -> float | None:
+    bucket = getattr(store.backend, "bucket", None)
+    return None if store is unthrottled or bucket is None else float(bucket.rate)
 
 
 def replica_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -5,16 +5,24 @@ scheduler what is due at the vault clock's ``now``, and runs it: a delta cycle, 
 same cycle, or the initial copy when that is what failed), or a resync. Failures are already
 recorded by :class:`ProtectionService` (error, class, attempts, next retry, state); the loop
 reports them in its outcomes and goes on with the next VM, so one VM never stops another.
+
+VMs run in parallel: at most ``parallel`` at once, and only while the sum of their memory
+estimates (:func:`~siterecovery.replication.engine.cycle_memory`, from their disk count)
+stays within ``memory_budget`` bytes. A VM whose estimate alone exceeds the budget runs when
+nothing else does. Outcomes are returned in schedule order (by VM name).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from siterecovery.domain import ReplicationState
-from siterecovery.errors import SiteRecoveryError
+from siterecovery.errors import InputError, SiteRecoveryError
+from siterecovery.replication.engine import cycle_memory
 from siterecovery.replication.protection import ProtectionService
 from siterecovery.replication.retry import diagnose
 from siterecovery.replication.scheduler import Action, Due, VmSchedule, decide
@@ -34,13 +42,59 @@ class Outcome:
     summary: str
 
 
-class Runner:
-    """Runs due cycles, retries and resyncs for the VMs of ``host`` (None: every host)."""
+#: Default memory the runner lets concurrent cycles use.
+MEMORY_BUDGET = 512 << 20
 
-    def __init__(self, protection: ProtectionService, *, host: str | None = None) -> None:
+
+class MemoryBudget:
+    """A counting budget of bytes: :meth:`hold` blocks until ``n`` bytes fit.
+
+    A request larger than the whole budget is granted when nothing else is held, so a large
+    VM runs alone instead of never.
+    """
+
+    def __init__(self, total: int) -> None:
+        if total <= 0:
+            raise InputError(f"memory budget must be positive, got {total}")
+        self.total = total
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        n = max(0, n)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.total)
+            self.used += n
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+class Runner:
+    """Runs due cycles, retries and resyncs for the VMs of ``host`` (None: every host),
+    up to ``parallel`` VMs at once within ``memory_budget`` bytes."""
+
+    def __init__(
+        self,
+        protection: ProtectionService,
+        *,
+        host: str | None = None,
+        parallel: int = 2,
+        memory_budget: int = MEMORY_BUDGET,
+    ) -> None:
+        if parallel < 1:
+            raise InputError(f"parallel must be at least 1, got {parallel}")
         self.protection = protection
         self.db = protection.db
         self.host = host
+        self.parallel = parallel
+        self.budget = MemoryBudget(memory_budget)
 
     def schedule(self) -> list[tuple[ReplicatedVmRecord, Due]]:
         """Every VM of this runner with what is due for it, by VM name."""
@@ -53,9 +107,25 @@ class Runner:
         return result
 
     def run_due(self) -> list[Outcome]:
-        """Run every action that is due now, one VM after the other; never raises for a VM."""
+        """Run every action that is due now, VMs in parallel; never raises for a VM."""
         now = self.db.now()
-        return [self._run(record, due) for record, due in self.schedule() if due.ready(now)]
+        due = [(record, d) for record, d in self.schedule() if d.ready(now)]
+        if self.parallel == 1 or len(due) <= 1:
+            return [self._run_budgeted(record, d) for record, d in due]
+        with ThreadPoolExecutor(self.parallel, thread_name_prefix="sr-vm") as pool:
+            futures = [pool.submit(self._run_budgeted, record, d) for record, d in due]
+            return [f.result() for f in futures]
+
+    def _run_budgeted(self, record: ReplicatedVmRecord, due: Due) -> Outcome:
+        with self.budget.hold(self._estimate(record.vm)):
+            return self._run(record, due)
+
+    def _estimate(self, vm: str) -> int:
+        try:
+            disks = len(service.get_vm(self.db, name=vm).disks)
+        except SiteRecoveryError:
+            disks = 1
+        return cycle_memory(disks, self.protection.store)
 
     def run_forever(
         self,

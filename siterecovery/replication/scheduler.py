@@ -19,7 +19,9 @@ recoverable error
 anything else                  nothing (enabling, resyncing, failover phases...)
 =============================  ===========================================================
 
-:func:`over_threshold` is the resync trigger on the size of the change log.
+:func:`over_threshold` is the resync trigger on the size of the change log;
+:func:`app_consistent_due` says whether a cycle should quiesce the guest (the policy's
+app-consistent frequency); :func:`bandwidth_limit` picks the policy's work or off-hours rate.
 """
 
 from __future__ import annotations
@@ -94,15 +96,47 @@ def decide(vm: VmSchedule, now: datetime) -> Due:
     )
 
 
+def app_consistent_due(app_consistent_h: int, last_app_at: datetime | None, now: datetime) -> bool:
+    """Whether the cycle at ``now`` should be app-consistent.
+
+    ``app_consistent_h`` 0 means never. Otherwise a cycle is app-consistent when no
+    app-consistent point was taken yet, or the newest one (``last_app_at``) is at least
+    ``app_consistent_h`` hours old.
+    """
+    if app_consistent_h < 0:
+        raise ValueError(f"app-consistent frequency must be >= 0 hours, got {app_consistent_h}")
+    if app_consistent_h == 0:
+        return False
+    return last_app_at is None or now - last_app_at >= timedelta(hours=app_consistent_h)
+
+
+#: Bytes per second in one Mbit/s.
+MBPS = 125_000
+
+
+def bandwidth_limit(
+    window: str, work_mbps: int | None, offhours_mbps: int | None, now: datetime
+) -> int | None:
+    """The policy's bandwidth limit at ``now`` in bytes/s, or None for unlimited.
+
+    Inside the off-hours ``window`` (the policy's resync window, "HH:MM-HH:MM" UTC) the
+    off-hours limit applies, outside it the work-hours limit; either may be None (unlimited).
+    """
+    mbps = offhours_mbps if in_window(window, now) else work_mbps
+    if mbps is None:
+        return None
+    if mbps <= 0:
+        raise ValueError(f"bandwidth limit must be a positive Mbit/s, got {mbps}")
+    return mbps * MBPS
+
+
 def next_in_window(window: str, at: datetime) -> datetime:
     """The first instant at or after ``at`` that falls inside ``window`` ("HH:MM-HH:MM" UTC)."""
     if in_window(window, at):
         return at
     start, _ = parse_window(window)
     at_utc = at.astimezone(UTC)
-    candidate = at_utc.replace(
-        hour=start.hour, minute=start.minute, second=0, microsecond=0
-    )
+    candidate = at_utc.replace(hour=start.hour, minute=start.minute, second=0, microsecond=0)
     return candidate if candidate > at_utc else candidate + timedelta(days=1)
 
 
@@ -115,6 +149,4 @@ def over_threshold(
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"resync threshold must be in (0, 1], got {threshold!r}")
-    return sorted(
-        d for d, n in pending.items() if sizes.get(d, 0) > 0 and n > threshold * sizes[d]
-    )
+    return sorted(d for d, n in pending.items() if sizes.get(d, 0) > 0 and n > threshold * sizes[d])
