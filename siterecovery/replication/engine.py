@@ -371,7 +371,7 @@ def check_layout(disks: Sequence[TrackedDisk], previous: PointManifest) -> None:
 
 
 def _mib(size: int) -> str:
-    return f"{size / (1 << 20):.6g} MiB"
+    return f"{size >> 20} MiB" if size % (1 << 20) == 0 else f"{size} bytes"
 
 
 def block_ranges(

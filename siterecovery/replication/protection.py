@@ -58,7 +58,13 @@ from siterecovery.errors import InputError, SiteRecoveryError
 from siterecovery.hypervisor.errors import QmpError, VmNotFound
 from siterecovery.hypervisor.qmp import QmpSession
 from siterecovery.hypervisor.tracking import ChangeTracker, Quiesce, discover_disks
-from siterecovery.replication.engine import CycleResult, Progress, Replicator, agent_quiesce
+from siterecovery.replication.engine import (
+    CycleResult,
+    Progress,
+    Replicator,
+    agent_quiesce,
+    check_layout,
+)
 from siterecovery.replication.errors import ChangeLogTooLarge
 from siterecovery.replication.jobrun import JobListener, JobRun, TaskHandle
 from siterecovery.replication.offline import offline_tracker, powered_off
@@ -192,7 +198,8 @@ class ProtectionService:
             relationship = protection.relationship_id.replace("-", "")
             generation = latest.figures.get("generation")
             with self._open_tracker(record, relationship) as tracker:
-                self._check_change_log(tracker)
+                check_layout(tracker.disks(), previous)  # before the change log: a new disk
+                self._check_change_log(tracker)  # has none, which is not a lost one
                 return self._run_cycle(
                     record, tracker, previous, policy=protection.policy,
                     min_generation=generation if isinstance(generation, int) else None,
@@ -241,6 +248,7 @@ class ProtectionService:
         with self._task(run, "compare and send blocks", vm) as task:
             store = self._store_for(service.get_policy(self.db, name=protection.policy))
             with self._open_tracker(record, relationship, resync=True) as tracker:
+                record = self._refresh_disks(record, tracker)
                 resyncer = Resyncer(
                     tracker, store, vm,
                     vm_config=replica_config(record.config), progress=self.progress,
@@ -337,6 +345,23 @@ class ProtectionService:
                 yield tracker
             return
         yield ChangeTracker(qmp, self.run_dir / record.name, relationship)
+
+    def _refresh_disks(self, record: VmRecord, tracker: ChangeTracker) -> VmRecord:
+        """Record the disks the running VM has now (added, removed or resized ones), in the
+        vault's disk list and in the machine description the recovery points carry."""
+        if tracker.nodes is not None:
+            return record  # offline: the images are the recorded ones
+        found = tracker.disks()
+        now = {d.name: d.size for d in found}
+        if now == {d.name: d.size for d in record.disks}:
+            return record
+        config = dict(record.config)
+        config["disks"] = [{"name": d.name, "size": d.size, "fmt": d.fmt} for d in found]
+        specs = [DiskSpec(d.name, d.size, node_name=d.node, path=d.filename, fmt=d.fmt)
+                 for d in found]  # fmt: skip
+        return service.upsert_vm(
+            self.db, host=record.host, name=record.name, config=config, disks=specs
+        )
 
     @staticmethod
     def _missing(record: VmRecord, qmp: Path) -> VmNotFound:
