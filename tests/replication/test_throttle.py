@@ -95,12 +95,8 @@ def test_cycles_are_throttled_in_work_hours_only(tmp_path: Path) -> None:
         service.create_policy(
             rig.db, name="slow", copy_frequency_s=30, retention_h=24, bandwidth_work_mbps=16
         )
-        rig.protection.register_vm(
-            host="h1",
-            name="vm1",
-            qmp_path=rig.vm.qmp_path,
-            config={},  # type: ignore[union-attr]
-        )
+        assert rig.vm is not None
+        rig.protection.register_vm(host="h1", name="vm1", qmp_path=rig.vm.qmp_path, config={})
         rig.protection.enable_protection("vm1", "slow")
         rng = random.Random(2)
         rig.write("d0", 0, rng.randbytes(6 * MiB))  # incompressible: 6.3 MB to ship
