@@ -258,6 +258,9 @@ class ChangeTracker:
     # -- internals -------------------------------------------------------------------------
 
     def _discover(self, qmp: QmpSession) -> list[TrackedDisk]:
+        # A killed cycle's fleecing job puts a filter node above each disk, which hides the
+        # disk's node from query-block: clean up first (one cycle per VM runs at a time).
+        self._cleanup_leftovers(qmp)
         if self.nodes is None:
             return _discover(qmp)
         found = {n["node-name"]: n for n in qmp.cmd("query-named-block-nodes", flat=True)}
@@ -364,9 +367,21 @@ class ChangeTracker:
             raise BitmapError(f"bitmap {name} does not carry a generation number")
         return int(suffix)
 
-    def _cleanup_leftovers(self, qmp: QmpSession, disks: list[TrackedDisk]) -> None:
-        for disk in disks:
-            self._teardown(qmp, disk.node)
+    def _cleanup_leftovers(self, qmp: QmpSession, disks: list[TrackedDisk] | None = None) -> None:
+        """Tear down every export, job and fleecing node a cycle creates (by name prefix),
+        whichever disks they belong to, then remove overlay files nobody uses."""
+        exports = [e["id"] for e in qmp.cmd("query-block-exports") if e["id"].startswith("sre-")]
+        jobs = [j["device"] for j in qmp.cmd("query-block-jobs") if j["device"].startswith("srj-")]
+        nodes = [n.get("node-name", "") for n in qmp.cmd("query-named-block-nodes", flat=True)]
+        fleece = sorted({n for n in nodes if n.startswith("srf-")})
+        for export_id in exports:
+            self._delete_export(qmp, export_id)
+        for job_id in jobs:
+            self._cancel_job(qmp, job_id)
+        for node in fleece:
+            qmp.cmd("blockdev-del", **{"node-name": node})
+        for overlay in self.run_dir.glob("fleece-*.qcow2"):
+            overlay.unlink(missing_ok=True)
 
     def _add_overlay(self, qmp: QmpSession, disk: TrackedDisk) -> None:
         path = self._overlay_path(disk.node)
@@ -423,19 +438,25 @@ class ChangeTracker:
     def _teardown(self, qmp: QmpSession, node: str) -> None:
         """Delete export, job and overlay of ``node`` in that order; tolerate absence."""
         export_id = _export_id(node)
-        exports = {e["id"] for e in qmp.cmd("query-block-exports")}
-        if export_id in exports:
-            qmp.cmd("block-export-del", id=export_id, mode="hard")
-            qmp.wait_event("BLOCK_EXPORT_DELETED", {"id": export_id}, timeout=30)
+        if export_id in {e["id"] for e in qmp.cmd("query-block-exports")}:
+            self._delete_export(qmp, export_id)
         job_id = _job_id(node)
-        jobs = {j["device"] for j in qmp.cmd("query-block-jobs")}
-        if job_id in jobs:
-            qmp.cmd("block-job-cancel", device=job_id, force=True)
-            qmp.wait_event("BLOCK_JOB_CANCELLED", {"device": job_id}, timeout=30)
+        if job_id in {j["device"] for j in qmp.cmd("query-block-jobs")}:
+            self._cancel_job(qmp, job_id)
         nodes = {n.get("node-name") for n in qmp.cmd("query-named-block-nodes", flat=True)}
         if _fleece_node(node) in nodes:
             qmp.cmd("blockdev-del", **{"node-name": _fleece_node(node)})
         self._overlay_path(node).unlink(missing_ok=True)
+
+    @staticmethod
+    def _delete_export(qmp: QmpSession, export_id: str) -> None:
+        qmp.cmd("block-export-del", id=export_id, mode="hard")
+        qmp.wait_event("BLOCK_EXPORT_DELETED", {"id": export_id}, timeout=30)
+
+    @staticmethod
+    def _cancel_job(qmp: QmpSession, job_id: str) -> None:
+        qmp.cmd("block-job-cancel", device=job_id, force=True)
+        qmp.wait_event("BLOCK_JOB_CANCELLED", {"device": job_id}, timeout=30)
 
     def _overlay_path(self, node: str) -> Path:
         return self.run_dir / f"fleece-{_short(node)}.qcow2"
