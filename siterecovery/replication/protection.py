@@ -50,6 +50,7 @@ import copy
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,13 @@ from siterecovery.store.repository import ReplicaStore
 from siterecovery.store.wrappers import wrap_backend
 from siterecovery.vault import jobs, points, service
 from siterecovery.vault.db import Database
-from siterecovery.vault.records import JobRecord, PolicyRecord, ReplicatedVmRecord, VmRecord
+from siterecovery.vault.records import (
+    JobRecord,
+    PointRecord,
+    PolicyRecord,
+    ReplicatedVmRecord,
+    VmRecord,
+)
 from siterecovery.vault.states import REPLICATING_STATES
 
 S = ReplicationState
@@ -391,6 +398,9 @@ class ProtectionService:
         result = replicator.run_cycle(previous, quiesce=quiesce, min_generation=min_generation)
         result = dataclasses.replace(result, warnings=tuple(warnings))
         figures = {**result.figures(), "bandwidth_limit_bps": _limit_of(store, self.store)}
+        if result.consistency == Consistency.APP:
+            # On the vault's clock, which app_consistent_due compares with (tests inject it).
+            figures["app_consistent_at"] = self.db.now().isoformat()
         self._record(record.name, result.point, figures, result.bytes_shipped)
         return result
 
@@ -399,7 +409,7 @@ class ProtectionService:
     ) -> Quiesce | None:
         """The guest agent's freeze when the policy wants an app-consistent point now."""
         last_app = max(
-            (p.created_at for p in points.list_points(self.db, vm=record.name)
+            (_app_time(p) for p in points.list_points(self.db, vm=record.name)
              if p.consistency == Consistency.APP),
             default=None,
         )  # fmt: skip
@@ -472,6 +482,12 @@ def throttled_store(store: ReplicaStore, limit_bps: float) -> ReplicaStore:
     view.backend = backend
     view._ctx = dataclasses.replace(store.context, backend=backend)
     return view
+
+
+def _app_time(point: PointRecord) -> datetime:
+    """When an app-consistent point was taken, on the vault's clock."""
+    raw = point.figures.get("app_consistent_at")
+    return datetime.fromisoformat(raw) if isinstance(raw, str) else point.created_at
 
 
 def _limit_of(store: ReplicaStore, unthrottled: ReplicaStore) -> float | None:
