@@ -130,7 +130,9 @@ def _fs_file(image: Path, name: str) -> bytes:
 
 
 @pytest.mark.slow
-def test_app_consistent_points_freeze_the_guest_filesystem(agent_rig: AgentRig) -> None:
+def test_app_consistent_points_freeze_the_guest_filesystem(
+    agent_rig: AgentRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rig = agent_rig
     rig.guest_sh("echo written-before-the-freeze > /mnt/note")  # no sync: in the page cache
     _job, initial = rig.protection.enable_protection("g1", "app")
@@ -156,17 +158,14 @@ def test_app_consistent_points_freeze_the_guest_filesystem(agent_rig: AgentRig) 
 
     # The transaction fails while the guest is frozen: the guest is thawed all the same.
     rig.clock.advance(hours=2)
-    original = ChangeTracker._transaction
 
     def failing(self: ChangeTracker, *args: object, **kwargs: object) -> object:
         raise QmpError("the transaction failed (test)")
 
-    ChangeTracker._transaction = failing  # type: ignore[method-assign]
-    try:
-        with pytest.raises(QmpError, match="transaction failed"):
-            rig.protection.replicate("g1")
-    finally:
-        ChangeTracker._transaction = original  # type: ignore[method-assign]
+    monkeypatch.setattr(ChangeTracker, "_transaction", failing)
+    with pytest.raises(QmpError, match="transaction failed"):
+        rig.protection.replicate("g1")
+    monkeypatch.undo()
     with rig.agent() as agent:
         assert agent.fsfreeze_status() == "thawed"
     assert rig.guest_sh("echo alive > /mnt/after; cat /mnt/after") == b"alive\n"
