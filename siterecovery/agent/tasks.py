@@ -114,6 +114,9 @@ class WorkRunner:
         relationship = str(item.details.get("relationship_id") or item.relationship_id)
 
         def initial_copy() -> dict[str, Any]:
+            # Inside the task: a VM that cannot enter initial replication fails the task, and
+            # with it the job, instead of leaving the job open to be claimed again and again.
+            self._move(item.vm, S.INITIAL_REPLICATION, "initial copy started")
             cycle = self._run_cycle(vm, relationship, None)
             self._report_point(item.vm, cycle, release=False)
             return cycle.figures()
@@ -121,8 +124,6 @@ class WorkRunner:
         try:
             job.run("check prerequisites", lambda: self._check_prerequisites(vm))
             job.run("create replication relationship", lambda: {"relationship_id": relationship})
-            if job.states.get("start initial replication") != "succeeded":
-                self._move(item.vm, S.INITIAL_REPLICATION, "initial copy started")
             job.run("start initial replication", initial_copy)
             job.run(
                 "finalize protection",
@@ -255,13 +256,27 @@ class RemoteJob:
         if state in ("succeeded", "skipped"):
             return
         if state == "pending":
-            self._event(name, "start")
+            self._start(name)
         try:
             details = body() or {}
         except SiteRecoveryError as exc:
             self._event(name, "fail", error=exc.describe()[:10_000])
             raise
         self._event(name, "finish", details=details)
+
+    def _start(self, name: str) -> None:
+        """Start task ``name``; tolerate a start the vault recorded but whose answer was lost.
+
+        The client retries requests while the vault is unreachable, so a start that the vault
+        committed just before it went away is sent twice; the second finds the task running.
+        """
+        try:
+            self._event(name, "start")
+        except SiteRecoveryError:
+            tasks = {t["name"]: t["state"] for t in self.client.get(self._path)["tasks"]}
+            if tasks.get(name) != "running":
+                raise
+            self.states[name] = "running"
 
     def _event(self, name: str, action: str, **extra: Any) -> None:
         self.client.post(f"{self._path}/tasks/{name}", {"action": action, **extra})

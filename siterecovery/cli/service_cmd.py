@@ -264,7 +264,7 @@ def _start_vault(env: Env, port: int) -> subprocess.Popen[bytes]:
     argv = [
         sys.executable,
         "-m",
-        "siterecovery.cli.service_cmd",
+        "siterecovery",
         "--workdir",
         str(env.settings.workdir),
         "vault",

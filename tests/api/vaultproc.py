@@ -27,7 +27,7 @@ from siterecovery.vault import access
 from siterecovery.vault.db import open_database
 
 URL_ENV = "SITERECOVERY_TEST_DATABASE_URL"
-CLI = [sys.executable, "-m", "siterecovery.cli.service_cmd"]
+CLI = [sys.executable, "-m", "siterecovery"]
 
 
 def free_port() -> int:
