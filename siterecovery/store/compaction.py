@@ -43,12 +43,18 @@ from typing import TYPE_CHECKING
 
 from siterecovery.domain import Consistency, validate_name
 from siterecovery.store.context import StoreContext, new_object_id, ordered_map
-from siterecovery.store.errors import IntegrityError, ObjectExists, StoreError, StoreInputError
+from siterecovery.store.errors import (
+    IntegrityError,
+    MaintenanceRefused,
+    ObjectExists,
+    StoreError,
+    StoreInputError,
+)
 from siterecovery.store.index import BaseIndex, block_span, chunk_key
 from siterecovery.store.leases import Clock, acquire_lease, retire_roots, utc_now
 from siterecovery.store.manifest import DiskChain, DiskRef, PointManifest, SegmentRef
 from siterecovery.store.reader import ChainReader, load_index, load_segment_header, read_chunk
-from siterecovery.store.retention import DEFAULT_SAFETY_DELAY, MaintenanceRefused
+from siterecovery.store.retention import DEFAULT_SAFETY_DELAY
 
 if TYPE_CHECKING:
     from siterecovery.store.repository import ReplicaStore

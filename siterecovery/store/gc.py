@@ -34,7 +34,12 @@ from typing import TYPE_CHECKING
 
 from siterecovery.store.backend import ObjectInfo
 from siterecovery.store.context import StoreContext
-from siterecovery.store.errors import ObjectNotFound, StoreError, StoreInputError
+from siterecovery.store.errors import (
+    MaintenanceRefused,
+    ObjectNotFound,
+    StoreError,
+    StoreInputError,
+)
 from siterecovery.store.index import BaseIndex, chunk_key
 from siterecovery.store.leases import (
     LEASE_SKEW,
@@ -48,7 +53,6 @@ from siterecovery.store.leases import (
 from siterecovery.store.manifest import DiskRef
 from siterecovery.store.points import list_vms, scan_points
 from siterecovery.store.reader import load_index
-from siterecovery.store.retention import MaintenanceRefused
 
 if TYPE_CHECKING:
     from siterecovery.store.repository import ReplicaStore

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from siterecovery.domain import Consistency, validate_name
-from siterecovery.store.errors import StoreError, StoreInputError
+from siterecovery.store.errors import MaintenanceRefused, StoreInputError
 from siterecovery.store.leases import acquire_lease, retire_roots
 from siterecovery.store.manifest import PointManifest
 
@@ -46,17 +46,6 @@ __all__ = [
 
 #: Default safety delay before unlinked objects may be collected.
 DEFAULT_SAFETY_DELAY = timedelta(hours=1)
-
-
-class MaintenanceRefused(StoreError):
-    """A maintenance operation (prune, garbage collection, compaction) refused to change the
-    store because it cannot prove the change is safe; nothing was deleted."""
-
-    exit_code = 4
-    hint = (
-        "run `siterecovery store verify` to see what is damaged; repair or remove the damaged "
-        "recovery points (resynchronize the VM), then run the operation again"
-    )
 
 
 @dataclass(frozen=True)

@@ -49,14 +49,15 @@ from siterecovery.store.backend import (
     validate_prefix,
 )
 from siterecovery.store.errors import (
+    ContainerNotFound,
     InvalidKey,
     ObjectExists,
     ObjectNotFound,
+    StoreAuthError,
     StoreError,
     StoreInputError,
     StoreUnavailable,
 )
-from siterecovery.store.wrappers import ContainerNotFound, StoreAuthError
 
 __all__ = ["ConditionalWritesUnsupported", "S3Backend"]
 

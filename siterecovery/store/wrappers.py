@@ -13,8 +13,9 @@ loop and charges each attempt; metrics sit innermost so latency is the backend's
 throttle waits or backoff sleeps) and every attempt, failed ones included, is counted.
 
 Clocks and sleeps are injected (``clock``, ``sleep``) so tests measure schedules and rates
-without waiting. This module also defines the errors shared by the network backends
-(:class:`StoreAuthError`, :class:`ContainerNotFound`); they import nothing from a cloud SDK.
+without waiting. The errors shared by the network backends (:class:`StoreAuthError`,
+:class:`ContainerNotFound`) live in :mod:`siterecovery.store.errors` and are re-exported here
+for the modules that import them from this one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ from typing import TypeVar
 
 from siterecovery.errors import SiteRecoveryError
 from siterecovery.store.backend import Backend, ObjectInfo
-from siterecovery.store.errors import ObjectExists, ObjectNotFound, StoreError
+from siterecovery.store.errors import (
+    ContainerNotFound,
+    ObjectExists,
+    ObjectNotFound,
+    StoreAuthError,
+)
 
 __all__ = [
     "BackendMetrics",
@@ -46,29 +52,6 @@ __all__ = [
 T = TypeVar("T")
 Sleep = Callable[[float], None]
 Clock = Callable[[], float]
-
-
-# -- errors shared by the network backends ------------------------------------------------
-
-
-class StoreAuthError(StoreError):
-    """The store refused the credentials (HTTP 401/403, bad signature, bad or missing key).
-    Retrying cannot help until an operator fixes the credentials."""
-
-    recoverable = False
-    hint = (
-        "check the store credentials: AZURE_STORAGE_CONNECTION_STRING or "
-        "SITERECOVERY_AZURE_CONFIG for azure://, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
-        "the AWS config files for s3:// (see docs/backends.md)"
-    )
-
-
-class ContainerNotFound(StoreError):
-    """The Azure container or S3 bucket named in the store URL does not exist. Backends
-    never create it on their own: a typo must not silently start a new, empty store."""
-
-    recoverable = False
-    hint = "create the container/bucket first, or fix its name in the store URL"
 
 
 # -- retry ----------------------------------------------------------------------------------
