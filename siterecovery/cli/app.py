@@ -141,10 +141,24 @@ def vault_init(
         str | None, typer.Option(help="Replica store URL (default: file://WORKDIR/store).")
     ] = None,
     encrypt: Annotated[bool, typer.Option(help="Encrypt data at rest (AES-256-GCM).")] = False,
+    passphrase: Annotated[
+        bool,
+        typer.Option(
+            help="Keep a passphrase-protected copy of the keys in the store, so they can be "
+            "recovered with the passphrase if the key file is lost "
+            "($SITERECOVERY_PASSPHRASE, --passphrase-file, or a prompt).",
+        ),
+    ] = False,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Read the passphrase from this file."),
+    ] = None,
 ) -> None:
     """Create the embedded vault (SQLite), the replica store and its key file."""
+    from siterecovery.cli.store_cmd import read_passphrase
     from siterecovery.store.backend import open_backend
     from siterecovery.store.keys import StoreKeys
+    from siterecovery.store.keywrap import check_new_passphrase
     from siterecovery.store.repository import ReplicaStore
     from siterecovery.vault.db import open_database
 
@@ -158,17 +172,29 @@ def vault_init(
     from siterecovery.api.server import pki_of
 
     open_backend(settings.store_url)  # a bad URL is refused before anything is created
+    phrase = None
+    if passphrase or passphrase_file is not None:  # asked before anything is created
+        phrase = check_new_passphrase(
+            read_passphrase(passphrase_file, what="Passphrase for the store keys", confirm=True)
+        )
     settings.workdir.mkdir(parents=True, exist_ok=True)
     keys = StoreKeys.generate()
-    ReplicaStore.init(settings.store_url, keys, encrypted=encrypt)
+    ReplicaStore.init(settings.store_url, keys, encrypted=encrypt, passphrase=phrase)
     keys.save(settings.key_file)
     open_database(settings.vault_url).close()
     pki_of(settings)  # the vault's CA and server certificate, pinned by agents and clients
     settings.save()
     output.out.print(f"vault: {settings.vault_url}\nstore: {settings.store_url}")
     output.out.print(
-        f"[bold]back up {settings.key_file}[/]: without it the replica store cannot be read"
+        f"[bold]back up {settings.key_file}[/] (`siterecovery store key export`): without it"
+        + (" or the passphrase" if phrase else "")
+        + " the replica store cannot be read"
     )
+    if phrase is None:
+        output.out.print(
+            "tip: `siterecovery store key passphrase` keeps a passphrase-protected copy of the "
+            "keys in the store"
+        )
 
 
 @vm_app.command("register")

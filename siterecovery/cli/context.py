@@ -11,7 +11,6 @@ from pathlib import Path
 
 from siterecovery.errors import NotFoundError
 from siterecovery.settings import Settings
-from siterecovery.store.keys import StoreKeys
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.vault.db import Database, open_database
 
@@ -38,10 +37,13 @@ class Env:
         return self._db
 
     def store(self) -> ReplicaStore:
-        """The replica store opened with the vault's key file."""
+        """The replica store opened with the vault's key file (a passphrase-protected one
+        is unlocked from $SITERECOVERY_PASSPHRASE or a prompt), its operations retried on
+        the CLI's short policy (``store_cmd.CLI_RETRY``: 3 attempts within a few seconds)."""
         if self._store is None:
-            keys = StoreKeys.load(self.settings.key_file)
-            self._store = ReplicaStore.open(self.settings.store_url, keys)
+            from siterecovery.cli.store_cmd import open_store  # the CLI's one way to open it
+
+            self._store = open_store(self.settings)
         return self._store
 
     def close(self) -> None:

@@ -11,6 +11,13 @@ Object layout under the store root (see docs/store-format.md)::
 Writers store chunks, indexes and segments that nothing refers to until
 :meth:`ReplicaStore.publish_point` checks they exist and publishes the manifest with a
 create-only put: a recovery point exists exactly when everything it names exists.
+
+``keys/<fingerprint>.json`` holds the passphrase-wrapped copy of the keys, when one was
+made (:mod:`siterecovery.store.keycopy`).
+
+:meth:`ReplicaStore.open` and :meth:`ReplicaStore.init` take ``wrap``, a function applied to
+the backend before anything is read, e.g. ``lambda b: wrap_backend(b, retry=RetryPolicy())``
+(retry, bandwidth limit, metrics: :mod:`siterecovery.store.wrappers`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from siterecovery.store.errors import (
     ObjectNotFound,
     StoreInputError,
 )
+from siterecovery.store.keycopy import put_key_copy
 from siterecovery.store.keys import (
     CONFIG_KEY,
     StoreConfig,
@@ -37,6 +45,7 @@ from siterecovery.store.keys import (
     utc_text,
     validate_block_size,
 )
+from siterecovery.store.keywrap import ScryptParams, check_new_passphrase
 from siterecovery.store.leases import acquire_lease
 from siterecovery.store.manifest import DiskChain, PointManifest
 from siterecovery.store.points import PointScan, load_point, publish_point, scan_points
@@ -44,7 +53,15 @@ from siterecovery.store.reader import ChainReader, RestoreStats, restore_disk
 from siterecovery.store.verify import VerifyReport, verify_store
 from siterecovery.store.writers import BaseWriter, SegmentWriter
 
-__all__ = ["ReplicaStore"]
+__all__ = ["BackendWrap", "ReplicaStore"]
+
+#: Applied to a store's backend when it is opened (retry, throttling, metrics wrappers).
+BackendWrap = Callable[[Backend], Backend]
+
+
+def _open_wrapped(url: str, wrap: BackendWrap | None) -> Backend:
+    backend = open_backend(url)
+    return wrap(backend) if wrap is not None else backend
 
 
 def _default_workers() -> int:
@@ -69,6 +86,7 @@ class ReplicaStore:
     ) -> None:
         self.backend = backend
         self.config = config
+        self._keys = keys
         data_key = keys.data_key if config.encrypted else None
         codec = Codec(keys.hash_key, data_key, encrypt=config.encrypted)
         n = workers or _default_workers()
@@ -102,20 +120,28 @@ class ReplicaStore:
         *,
         block_size: int = 1 << 20,
         encrypted: bool = False,
+        passphrase: str | None = None,
+        scrypt: ScryptParams | None = None,
+        wrap: BackendWrap | None = None,
         **options: Any,
     ) -> ReplicaStore:
         """Create a store at ``url`` (which must be empty) and return it opened.
 
+        With ``passphrase``, a copy of ``keys`` wrapped under it is stored in ``keys/``
+        (see :meth:`put_key_copy`), so the keys can be recovered from the store.
         Raises ``StoreInputError`` if a store or any other object is already there, the block
-        size is invalid, or ``encrypted`` is asked for without a data key in ``keys``.
+        size is invalid, the passphrase too short, or ``encrypted`` is asked for without a
+        data key in ``keys``.
         """
         validate_block_size(block_size)
+        if passphrase is not None:
+            check_new_passphrase(passphrase)
         if encrypted and keys.data_key is None:
             raise StoreInputError(
                 "an encrypted store needs keys with a data key",
                 hint="generate keys with StoreKeys.generate(with_data_key=True)",
             )
-        backend = open_backend(url)
+        backend = _open_wrapped(url, wrap)
         if backend.stat(CONFIG_KEY) is not None:
             raise StoreInputError(
                 f"a replica store already exists at {url}", hint="open it instead"
@@ -130,13 +156,18 @@ class ReplicaStore:
             backend.put(CONFIG_KEY, config.to_bytes(keys, store._ctx.codec), create_only=True)
         except ObjectExists as exc:
             raise StoreInputError(f"a replica store was just created at {url}") from exc
+        if passphrase is not None:
+            store.put_key_copy(passphrase, scrypt=scrypt)
         return store
 
     @classmethod
-    def open(cls, url: str, keys: StoreKeys, **options: Any) -> ReplicaStore:
+    def open(
+        cls, url: str, keys: StoreKeys, *, wrap: BackendWrap | None = None, **options: Any
+    ) -> ReplicaStore:
         """Open the store at ``url``: ``ObjectNotFound`` if there is none, ``WrongKey`` if
-        ``keys`` are not its keys, ``FormatError`` if it is of a newer format."""
-        backend = open_backend(url)
+        ``keys`` are not its keys, ``FormatError`` if it is of a newer format. ``wrap`` is
+        applied to the backend first, so the config read is already retried/throttled."""
+        backend = _open_wrapped(url, wrap)
         try:
             raw = backend.get(CONFIG_KEY)
         except ObjectNotFound as exc:
@@ -145,11 +176,27 @@ class ReplicaStore:
             ) from exc
         return cls(backend, keys, StoreConfig.from_bytes(raw, keys, url), **options)
 
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the keys the store was opened with (no secret)."""
+        return self._keys.fingerprint
+
+    def put_key_copy(self, passphrase: str, *, scrypt: ScryptParams | None = None) -> str:
+        """Store (or atomically replace) the copy of this store's keys wrapped under
+        ``passphrase`` in ``keys/<fingerprint>.json``; read back and checked. Returns its
+        key. ``StoreInputError`` (nothing written) if the passphrase is too short."""
+        return put_key_copy(self.backend, self._keys, passphrase, scrypt=scrypt)
+
     # -- writing --------------------------------------------------------------------
 
-    def begin_base(self, vm: str, disk: str, size: int) -> BaseWriter:
-        """Start a full image of ``disk`` (``size`` bytes); see :class:`BaseWriter`."""
-        return BaseWriter(self._ctx, validate_name("VM", vm), validate_name("disk", disk), size)
+    def begin_base(self, vm: str, disk: str, size: int, *, repair: bool = False) -> BaseWriter:
+        """Start a full image of ``disk`` (``size`` bytes); see :class:`BaseWriter`.
+
+        With ``repair``, a chunk already in the store is read and checked before it is
+        reused, and replaced (atomically) when it is damaged: a resync written this way
+        repairs every recovery point that shares the damaged chunk."""
+        vm, disk = validate_name("VM", vm), validate_name("disk", disk)
+        return BaseWriter(self._ctx, vm, disk, size, repair=repair)
 
     def begin_segment(self, vm: str, disk: str, size: int) -> SegmentWriter:
         """Start one cycle's delta of ``disk``; see :class:`SegmentWriter`."""
@@ -220,9 +267,7 @@ class ReplicaStore:
         # A restore may outlive the GC safety delay: its lease pins the chain it reads.
         roots = [ref.key for ref in point.disks[disk].refs()]
         with acquire_lease(self.backend, "restore", vm=point.vm, roots=roots):
-            return restore_disk(
-                reader, Path(dest), fmt=fmt, progress=progress, overwrite=overwrite
-            )
+            return restore_disk(reader, Path(dest), fmt=fmt, progress=progress, overwrite=overwrite)
 
     def read_disk(self, point: PointManifest, disk: str) -> Iterator[tuple[int, bytes]]:
         """Verified ``(offset, data)`` pieces covering the whole disk in order, one per block

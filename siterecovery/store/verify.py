@@ -27,11 +27,13 @@ __all__ = ["DamagedObject", "VerifyReport", "verify_store"]
 
 @dataclass(frozen=True)
 class DamagedObject:
-    """An object that is missing or corrupt, and the points (``vm/point_id``) it breaks."""
+    """An object that is missing or corrupt, the points (``vm/point_id``) it breaks, and
+    the disks (``vm/disk``) whose chains refer to it."""
 
     key: str
     problem: str
     points: tuple[str, ...]
+    disks: tuple[str, ...] = ()
 
 
 @dataclass
@@ -62,6 +64,7 @@ class _Verifier:
         self.ctx = ctx
         self.report = VerifyReport(deep)
         self.users: dict[str, set[str]] = defaultdict(set)  # object key -> points
+        self.disks: dict[str, set[str]] = defaultdict(set)  # object key -> vm/disk
         self.refs: dict[str, DiskRef | SegmentRef] = {}
         self.chunks: set[str] = set()
         self.problems: dict[str, str] = {}
@@ -73,7 +76,9 @@ class _Verifier:
         if self.report.deep:
             self._check_content()
         self.report.damaged_objects = [
-            DamagedObject(key, problem, tuple(sorted(self.users[key])))
+            DamagedObject(
+                key, problem, tuple(sorted(self.users[key])), tuple(sorted(self.disks[key]))
+            )
             for key, problem in sorted(self.problems.items())
         ]
         return self.report
@@ -86,9 +91,10 @@ class _Verifier:
             self.report.damaged_points.extend(scan.damaged)
         self.report.points_checked = len(points) + len(self.report.damaged_points)
         for point in points:
-            for chain in point.disks.values():
+            for disk, chain in point.disks.items():
                 for ref in chain.refs():
                     self.users[ref.key].add(point.name)
+                    self.disks[ref.key].add(f"{point.vm}/{disk}")
                     self.refs[ref.key] = ref
         return points
 
@@ -105,6 +111,7 @@ class _Verifier:
                 ckey = chunk_key(cid)
                 self.chunks.add(cid)
                 self.users[ckey].update(self.users[key])
+                self.disks[ckey].update(self.disks[key])
 
     def _check_existence(self) -> None:
         sizes: dict[str, int] = {}

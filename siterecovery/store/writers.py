@@ -3,6 +3,13 @@
 Neither writer makes anything visible to readers of recovery points: they store chunks,
 indexes and segments that only a manifest published afterwards refers to. An aborted or failed
 writer leaves at most unreferenced objects, which garbage collection removes.
+
+The one exception is a base writer in **repair** mode: a chunk is named by its content, so
+an existing chunk is normally reused unread (deduplication) and a damaged one could never be
+replaced. In repair mode an existing chunk is read and checked first; when it is damaged
+(corrupt, truncated, unreadable) the writer replaces it with a replacing put -- atomic on
+every backend, and with the very content its name promises, so every recovery point that
+refers to it becomes whole again and no reader ever sees a mix.
 """
 
 from __future__ import annotations
@@ -14,7 +21,13 @@ from dataclasses import dataclass
 
 from siterecovery.store.codec import SUBBLOCK_SIZE
 from siterecovery.store.context import StoreContext, is_zero, new_object_id
-from siterecovery.store.errors import ObjectExists, StoreInputError
+from siterecovery.store.errors import (
+    FormatError,
+    IntegrityError,
+    ObjectExists,
+    ObjectNotFound,
+    StoreInputError,
+)
 from siterecovery.store.index import BaseIndex, block_count, chunk_key
 from siterecovery.store.manifest import DiskRef, SegmentRef
 from siterecovery.store.segment import (
@@ -29,12 +42,15 @@ __all__ = ["BaseWriter", "SegmentWriter", "WriteStats"]
 
 @dataclass
 class WriteStats:
-    """What a writer did. ``bytes_stored`` counts stored object bytes (after compression)."""
+    """What a writer did. ``bytes_stored`` counts stored object bytes (after compression);
+    ``chunks_repaired`` the damaged chunks a repairing base writer replaced (also counted in
+    ``chunks_stored``)."""
 
     blocks: int = 0
     zero_blocks: int = 0
     chunks_stored: int = 0
     chunks_deduplicated: int = 0
+    chunks_repaired: int = 0
     bytes_in: int = 0
     bytes_stored: int = 0
 
@@ -90,11 +106,15 @@ class BaseWriter:
 
     ``write`` takes block-aligned pieces in any order; each block may be written once;
     blocks never written read as zeros. Work runs on a bounded pool; an error in the
-    background is raised by the next ``write`` or by ``commit``.
+    background is raised by the next ``write`` or by ``commit``. With ``repair``, existing
+    chunks are checked and damaged ones replaced (see the module docstring).
     """
 
-    def __init__(self, ctx: StoreContext, vm: str, disk: str, size: int) -> None:
+    def __init__(
+        self, ctx: StoreContext, vm: str, disk: str, size: int, *, repair: bool = False
+    ) -> None:
         self._ctx = ctx
+        self.repair = repair
         self.size = _check_size(size)
         self.key = f"indexes/{vm}/{disk}/{new_object_id()}"
         n = block_count(size, ctx.block_size)
@@ -144,25 +164,42 @@ class BaseWriter:
         codec = self._ctx.codec
         cid = codec.chunk_id(view)
         sums = codec.subblock_sums(view)
-        stored = self._put_chunk(cid, view)
+        stored, repaired = self._put_chunk(cid, view)
         self._chunks[index], self._sums[index] = bytes.fromhex(cid), sums
         if stored:
-            self._count(chunks_stored=1, bytes_in=len(view), bytes_stored=stored)
+            self._count(
+                chunks_stored=1, chunks_repaired=int(repaired), bytes_in=len(view),
+                bytes_stored=stored,
+            )  # fmt: skip
         else:
             self._count(chunks_deduplicated=1, bytes_in=len(view))
 
-    def _put_chunk(self, cid: str, view: memoryview) -> int:
-        """Store a chunk unless present; return the bytes stored (0 when deduplicated)."""
+    def _put_chunk(self, cid: str, view: memoryview) -> tuple[int, bool]:
+        """Store a chunk unless present (and, in repair mode, sound); return the bytes
+        stored (0 when deduplicated) and whether a damaged chunk was replaced."""
         key = chunk_key(cid)
         backend = self._ctx.backend
         if backend.stat(key) is not None:
-            return 0
+            if not self.repair or self._chunk_sound(key, cid, len(view)):
+                return 0, False
+            blob = self._ctx.codec.seal(key, view)
+            backend.put(key, blob)  # atomic replace with the content the name promises
+            return len(blob), True
         blob = self._ctx.codec.seal(key, view)
         try:
             backend.put(key, blob, create_only=True)
         except ObjectExists:
-            return 0  # another writer stored the same content first: same bytes by name
-        return len(blob)
+            return 0, False  # another writer stored the same content first: same bytes by name
+        return len(blob), False
+
+    def _chunk_sound(self, key: str, cid: str, length: int) -> bool:
+        """Whether the stored chunk ``key`` decodes to ``length`` bytes hashing to ``cid``.
+        Damage is an answer (False); failures to reach the store propagate."""
+        try:
+            plain = self._ctx.codec.unseal(key, self._ctx.backend.get(key))
+        except (IntegrityError, FormatError, ObjectNotFound):
+            return False
+        return len(plain) == length and self._ctx.codec.chunk_id(plain) == cid
 
     def _count(self, **amounts: int) -> None:
         with self._lock:
