@@ -36,6 +36,8 @@ class AgentConfig:
     discover_every_s: float = 30.0
     lease_s: int = 300
     workers: int = 2
+    accel: str = "tcg"
+    """QEMU accelerator of replica VMs this host starts (recovery hosts): tcg or kvm."""
 
     @staticmethod
     def dir_of(workdir: Path) -> Path:

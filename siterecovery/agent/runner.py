@@ -99,10 +99,17 @@ class Agent:
 
     def __init__(self, config: AgentConfig, client: VaultClient, store: ReplicaStore,
                  run_dir: Path) -> None:  # fmt: skip
+        from siterecovery.agent.failover_tasks import RecoveryWork
+
         self.config = config
         self.client = client
         self.session = str(uuid.uuid4())
-        self.runner = WorkRunner(client, store, run_dir, self.session, config.lease_s)
+        # Any host can be given failover work: the vault gives it only to recovery hosts.
+        recovery = RecoveryWork(client, store, run_dir.parent / "recovery",
+                                key_file=Path(config.store_key_file), session=self.session,
+                                accel=config.accel)  # fmt: skip
+        self.runner = WorkRunner(client, store, run_dir, self.session, config.lease_s,
+                                 recovery=recovery)  # fmt: skip
         self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="work")
         self.in_flight: dict[str, Future[None]] = {}
         self._last_discovery = float("-inf")

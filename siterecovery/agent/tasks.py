@@ -10,6 +10,11 @@
   An untrusted change log asks the vault for a resync.
 - ``disable protection``: stop change tracking (remove this relationship's bitmaps); replica
   data is left to the store's retention and garbage collection.
+- ``resynchronize``: for a VM in *resync required*, in its policy's window or when an operator
+  asked: the differing blocks are sent (:class:`~siterecovery.replication.resync.Resyncer`),
+  the point is reported, the VM is *protected* again.
+- failover jobs: see :mod:`siterecovery.agent.failover_tasks` (the source phases of a planned
+  failover run here; everything else on a recovery host).
 
 Data goes from the hypervisor to the replica store directly; the vault only gets records.
 """
@@ -22,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from siterecovery.api.client import VaultClient
 from siterecovery.domain import ReplicationState
@@ -31,8 +36,12 @@ from siterecovery.hypervisor.errors import BitmapError
 from siterecovery.hypervisor.tracking import ChangeTracker, discover_disks
 from siterecovery.replication.engine import CycleResult, Replicator
 from siterecovery.replication.protection import replica_config
+from siterecovery.replication.resync import Resyncer, ResyncResult
 from siterecovery.store.manifest import PointManifest
 from siterecovery.store.repository import ReplicaStore
+
+if TYPE_CHECKING:
+    from siterecovery.agent.failover_tasks import RecoveryWork
 
 log = logging.getLogger("siterecovery.agent")
 S = ReplicationState
@@ -62,22 +71,42 @@ class WorkRunner:
     """Runs claimed work of one host. ``session`` is this agent process's claim session."""
 
     def __init__(
-        self, client: VaultClient, store: ReplicaStore, run_dir: Path, session: str, lease_s: int
+        self,
+        client: VaultClient,
+        store: ReplicaStore,
+        run_dir: Path,
+        session: str,
+        lease_s: int,
+        *,
+        recovery: RecoveryWork | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.run_dir = run_dir
         self.session = session
         self.lease_s = lease_s
+        self.recovery = recovery
 
-    def run(self, item: Claimed) -> None:
-        """Run ``item`` to its end; every outcome is reported to the vault, none raised."""
+    def handlers(self) -> dict[str, Callable[[Claimed], None]]:
+        """Work kind → what runs it (failover follow-ups only on a recovery host)."""
         handlers: dict[str, Callable[[Claimed], None]] = {
             "cycle": self.cycle,
             "enable protection": self.enable_protection,
             "disable protection": self.disable_protection,
+            "resynchronize": self.resync,
+            "test failover": self.failover,
+            "planned failover": self.failover,
+            "unplanned failover": self.failover,
         }
-        handler = handlers.get(item.kind)
+        if self.recovery is not None:
+            handlers["test failover cleanup"] = self.recovery.cleanup
+            handlers["change recovery point"] = self.recovery.change_point
+            handlers["commit failover"] = self.recovery.commit
+        return handlers
+
+    def run(self, item: Claimed) -> None:
+        """Run ``item`` to its end; every outcome is reported to the vault, none raised."""
+        handler = self.handlers().get(item.kind)
         if handler is None:
             log.warning("ignoring unknown work %r for VM %s", item.kind, item.vm)
             return
@@ -165,6 +194,74 @@ class WorkRunner:
             raise
         job.finish()
 
+    # -- resync --------------------------------------------------------------------------
+
+    def resync(self, item: Claimed) -> None:
+        """The *resynchronize* job: compare every block with the store's checksums, send the
+        differing ones, publish a point, back to *protected* with a fresh change log.
+
+        A failure is reported like a cycle's: the vault moves the VM back to *resync
+        required* (retried in the window) or to *error*.
+        """
+        assert item.job_id is not None
+        job = RemoteJob(self.client, item.job_id, self.session)
+        vm = self.client.get(f"/v1/agent/vms/{item.vm}")
+        protection = self.client.get(f"/v1/agent/vms/{item.vm}/protection")
+        latest = protection.get("last_point_id")
+        full = bool(item.details.get("full")) or not latest
+
+        def prepare() -> dict[str, Any]:
+            self._move(item.vm, S.RESYNCING, str(item.details.get("reason") or "resync"))
+            return {"compare_with": None if full else latest, "full": full}
+
+        def compare() -> dict[str, Any]:
+            previous = None if full else self.store.load_point(item.vm, str(latest))
+            tracker = self._tracker(vm, protection["relationship_id"])
+            resyncer = Resyncer(
+                tracker, self.store, item.vm, vm_config=replica_config(vm["config"])
+            )
+            result = resyncer.run(previous)
+            self._report_point(item.vm, result, release=False)
+            return result.figures()
+
+        try:
+            job.run("prepare resync", prepare)
+            job.run("compare and send blocks", compare)
+            job.run("finalize resync", lambda: self._move(item.vm, S.PROTECTED, "resync complete"))
+        except SiteRecoveryError as exc:
+            self._report_failure(item.vm, exc, release=False)
+            job.release()
+            raise
+        job.finish()
+
+    # -- failover ------------------------------------------------------------------------
+
+    def failover(self, item: Claimed) -> None:
+        """A failover job: its source phases here (planned), the rest on a recovery host."""
+        from siterecovery.agent.failover_tasks import source_finish, source_phase
+
+        assert item.job_id is not None
+        phase = item.details.get("phase")
+        if phase in ("source", "source-finish"):
+            job = RemoteJob(self.client, item.job_id, self.session)
+            vm = self.client.get(f"/v1/agent/vms/{item.vm}")
+            if phase == "source-finish":
+                return source_finish(job, item, _qmp_path(vm))
+            return source_phase(job, item, _qmp_path(vm), lambda: self._final_cycle(vm))
+        if self.recovery is None:
+            raise InputError(f"host of VM {item.vm} is not a recovery host: it cannot fail over")
+        return self.recovery.failover(item)
+
+    def _final_cycle(self, vm: dict[str, Any]) -> str:
+        protection = self.client.get(f"/v1/agent/vms/{vm['name']}/protection")
+        latest = protection.get("last_point_id")
+        if not latest:
+            raise InputError(f"VM {vm['name']} has no recovery point to continue from")
+        previous = self.store.load_point(vm["name"], latest)
+        result = self._run_cycle(vm, protection["relationship_id"], previous)
+        self._report_point(vm["name"], result, release=False)
+        return result.point.point_id
+
     # -- internals -----------------------------------------------------------------------
 
     def _tracker(self, vm: dict[str, Any], relationship: str) -> ChangeTracker:
@@ -191,13 +288,13 @@ class WorkRunner:
         self.store.list_points(vm["name"])
         return {"disks": [d.name for d in disks], "store": self.store.url}
 
-    def _report_point(self, vm: str, result: CycleResult, *, release: bool) -> None:
+    def _report_point(self, vm: str, result: CycleResult | ResyncResult, *, release: bool) -> None:
         point = {
             "point_id": result.point.point_id,
             "created_at": result.point.created_at.isoformat(),
             "consistency": str(result.point.consistency),
             "manifest_key": result.point.key,
-            "bytes_shipped": result.bytes_shipped,
+            "bytes_shipped": _shipped(result),
             "figures": result.figures(),
         }
         body = {"session": self.session, "point": point, "release_lease": release}
@@ -247,10 +344,20 @@ class RemoteJob:
     def _path(self) -> str:
         return f"/v1/agent/jobs/{self.job_id}"
 
-    def run(self, name: str, body: Callable[[], dict[str, Any] | None]) -> None:
+    def run(
+        self,
+        name: str,
+        body: Callable[[], dict[str, Any] | None],
+        *,
+        fail: bool = True,
+        failed: list[str] | None = None,
+    ) -> None:
         """Run task ``name`` with ``body`` (its details) unless the vault shows it succeeded.
 
         A task left *running* by an earlier agent process is run again without restarting.
+        On error the task is failed (and with it the job), or with ``fail=False`` left
+        running with the error in its details and its name appended to ``failed`` (another
+        agent fails it later: the hand-off of a planned failover).
         """
         state = self.states.get(name)
         if state in ("succeeded", "skipped"):
@@ -260,9 +367,24 @@ class RemoteJob:
         try:
             details = body() or {}
         except SiteRecoveryError as exc:
-            self._event(name, "fail", error=exc.describe()[:10_000])
+            if fail:
+                self._event(name, "fail", error=exc.describe()[:10_000])
+            else:
+                self._event(name, "progress", details={"error": exc.describe()[:4000]})
+                self.states[name] = "running"
+                if failed is not None:
+                    failed.append(name)
             raise
         self._event(name, "finish", details=details)
+
+    def fail(self, name: str, error: str) -> None:
+        """Fail task ``name`` (pending or running): the job fails with ``error``."""
+        self._event(name, "fail", error=error[:10_000])
+
+    def hand_off(self, phase: str, details: dict[str, Any]) -> None:
+        """Hand the job to the other site's agent (``recovery`` / ``source-finish``)."""
+        body = {"session": self.session, "phase": phase, "details": details}
+        self.client.post(f"{self._path}/handoff", body)
 
     def _start(self, name: str) -> None:
         """Start task ``name``; tolerate a start the vault recorded but whose answer was lost.
@@ -287,6 +409,10 @@ class RemoteJob:
 
     def release(self) -> None:
         self.client.post(f"{self._path}/release", {"session": self.session})
+
+
+def _shipped(result: CycleResult | ResyncResult) -> int:
+    return result.bytes_stored if isinstance(result, ResyncResult) else result.bytes_shipped
 
 
 def _qmp_path(vm: dict[str, Any]) -> Path:

@@ -17,6 +17,7 @@ from siterecovery.api.schemas import (
     ClaimRequest,
     CycleReport,
     DiscoveryReport,
+    HandOffRequest,
     HeartbeatRequest,
     LeaseRequest,
     RegisterRequest,
@@ -25,7 +26,9 @@ from siterecovery.api.schemas import (
 )
 from siterecovery.domain import DiskSpec
 from siterecovery.errors import InputError, SiteRecoveryError
-from siterecovery.vault import access, jobs, points, service, work
+from siterecovery.recovery import network
+from siterecovery.recovery.network import MappingRecord
+from siterecovery.vault import access, jobs, operations, points, service, work
 from siterecovery.vault.access import PermissionDenied
 from siterecovery.vault.db import Database
 from siterecovery.vault.records import JobRecord, PointRecord, ReplicatedVmRecord, VmRecord
@@ -195,6 +198,30 @@ def finish_job(job_id: str, body: LeaseRequest, db: Database = DB, host: str = A
     if record.vm is not None:
         work.release_lease(db, host=host, session=body.session, vm=record.vm)
     return done
+
+
+@router.post("/jobs/{job_id}/handoff", response_model=JobRecord)
+def hand_off(job_id: str, body: HandOffRequest, db: Database = DB, host: str = AGENT) -> JobRecord:
+    """Hand a planned failover to the other site (``recovery`` or ``source-finish``) and end
+    this host's lease, so the other site's agent claims it next."""
+    record = _own_job(db, host, job_id)
+    done = operations.hand_off(db, job=job_id, phase=body.phase, details=body.details)
+    if record.vm is not None:
+        work.release_lease(db, host=host, session=body.session, vm=record.vm)
+    return done
+
+
+@router.get("/vms/{vm}/points", response_model=list[PointRecord])
+def list_points(vm: str, db: Database = DB, host: str = AGENT) -> list[PointRecord]:
+    """Recovery points of a VM this host owns or runs a failover of, oldest first."""
+    require_own_vm(db, host, vm)
+    return points.list_points(db, vm=vm)
+
+
+@router.get("/network-mappings", response_model=list[MappingRecord])
+def network_mappings(db: Database = DB, _: str = AGENT) -> list[MappingRecord]:
+    """Source network → recovery and drill networks, for the replica VMs' NICs."""
+    return network.list_mappings(db)
 
 
 @router.post("/jobs/{job_id}/release", response_model=JobRecord)

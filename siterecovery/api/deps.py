@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from siterecovery.vault import access
+from siterecovery.vault import access, work
 from siterecovery.vault.access import NotAuthenticated, PermissionDenied, Principal
 from siterecovery.vault.auth_models import Role
 from siterecovery.vault.db import Database
@@ -74,10 +74,14 @@ def agent(request: Request, who: Principal = Depends(caller)) -> str:
 
 
 def require_own_vm(db: Database, host: str, vm: str) -> None:
-    """PermissionDenied unless ``vm`` runs on ``host`` (UnknownVm if there is no such VM)."""
+    """PermissionDenied unless ``vm`` runs on ``host`` or ``host`` holds the VM's live work
+    lease (a recovery host running the VM's failover job); UnknownVm if there is no such VM."""
     owner = access.host_of_vm(db, vm=vm)
-    if owner != host:
-        raise PermissionDenied(f"host {host!r} may not touch VM {vm!r}: it belongs to another host")
+    if owner != host and not work.holds_lease(db, host=host, vm=vm):
+        raise PermissionDenied(
+            f"host {host!r} may not touch VM {vm!r}: it belongs to another host and no work "
+            "of it is leased to this one"
+        )
 
 
 READER = Depends(operator(Role.READER))

@@ -15,20 +15,25 @@ from sqlalchemy import select
 
 from siterecovery.api import deps
 from siterecovery.api.deps import ADMIN, DB, OPERATOR, OPTIONS, READER, VaultOptions
-from siterecovery.api.errors import NotImplementedYet
 from siterecovery.api.schemas import (
     NAME_PATTERN,
     AssignPolicy,
+    ChangePointRequest,
     FailoverRequest,
+    NetworkCreate,
+    NetworkMap,
     PolicyCreate,
     PolicySettings,
     ProtectRequest,
     RegistrationKeyCreate,
+    ResyncRequest,
     SiteCreate,
     TokenCreate,
 )
 from siterecovery.domain import JobState
-from siterecovery.vault import access, jobs, points, service, work
+from siterecovery.recovery import network
+from siterecovery.recovery.network import MappingRecord, NetworkRecord
+from siterecovery.vault import access, jobs, operations, points, service, work
 from siterecovery.vault.access import Principal, TokenRecord
 from siterecovery.vault.db import Database
 from siterecovery.vault.models import Site
@@ -127,14 +132,46 @@ def unprotect(vm: str, db: Database = DB, _: Principal = OPERATOR) -> JobRecord:
     return service.unprotect(db, vm=vm)
 
 
-@router.post("/vms/{vm}/failover", status_code=202, tags=["recovery"])
-def failover(vm: str, body: FailoverRequest, db: Database = DB, _: Principal = OPERATOR) -> None:
-    """Fail a VM over. Not served yet: recovery agents do not claim failover work."""
-    service.get_protection(db, vm=vm)
-    raise NotImplementedYet(
-        f"{body.kind} failover through the vault API is not available yet",
-        hint="run `siterecovery failover VM --unplanned` on the vault's host",
-    )
+@router.post("/vms/{vm}/failover", response_model=JobRecord, status_code=202, tags=["recovery"])
+def failover(
+    vm: str, body: FailoverRequest, db: Database = DB, _: Principal = OPERATOR
+) -> JobRecord:
+    """Fail a VM over: answers with the pending job, which a recovery site's agent runs (a
+    planned failover starts on the VM's own agent: pause, final cycle, hand-off)."""
+    options = body.options.model_dump(exclude_defaults=True)
+    return operations.request_failover(db, vm=vm, kind=body.kind, point=body.point,
+                                       options=options)  # fmt: skip
+
+
+@router.post("/vms/{vm}/failover/cleanup", response_model=JobRecord, status_code=202,
+             tags=["recovery"])  # fmt: skip
+def failover_cleanup(vm: str, db: Database = DB, _: Principal = OPERATOR) -> JobRecord:
+    """End a drill: the recovery host that runs it stops and removes the replica."""
+    return operations.request_follow_up(db, vm=vm, kind=operations.CLEANUP)
+
+
+@router.post("/vms/{vm}/failover/change-point", response_model=JobRecord, status_code=202,
+             tags=["recovery"])  # fmt: skip
+def failover_change_point(
+    vm: str, body: ChangePointRequest, db: Database = DB, _: Principal = OPERATOR
+) -> JobRecord:
+    """Restart the failed-over VM from another recovery point (before commit)."""
+    return operations.request_follow_up(db, vm=vm, kind=operations.CHANGE_POINT,
+                                        point=body.point)  # fmt: skip
+
+
+@router.post("/vms/{vm}/failover/commit", response_model=JobRecord, status_code=202,
+             tags=["recovery"])  # fmt: skip
+def failover_commit(vm: str, db: Database = DB, _: Principal = OPERATOR) -> JobRecord:
+    """Commit the failover: the point can no longer change."""
+    return operations.request_follow_up(db, vm=vm, kind=operations.COMMIT)
+
+
+@router.post("/vms/{vm}/resync", response_model=JobRecord, status_code=202, tags=["protection"])
+def resync(vm: str, body: ResyncRequest, db: Database = DB, _: Principal = OPERATOR) -> JobRecord:
+    """Resynchronize now: the VM is marked *resync required* and its agent runs the job."""
+    reason = body.reason or "requested by the operator"
+    return operations.request_resync(db, vm=vm, reason=reason, full=body.full)
 
 
 @router.get("/status", response_model=list[VmStatus], tags=["status"])
@@ -199,3 +236,28 @@ def create_registration_key(
 def whoami(who: Principal = Depends(deps.caller)) -> dict[str, str | None]:
     """The caller as the vault sees it."""
     return {"name": who.name, "role": who.role, "host": who.host}
+
+
+class Networks(BaseModel):
+    """Recovery networks and the mappings of source networks to them."""
+
+    networks: list[NetworkRecord]
+    mappings: list[MappingRecord]
+
+
+@router.get("/networks", response_model=Networks, tags=["recovery"])
+def list_networks(db: Database = DB, _: Principal = READER) -> Networks:
+    return Networks(networks=network.list_networks(db), mappings=network.list_mappings(db))
+
+
+@router.post("/networks", response_model=NetworkRecord, status_code=201, tags=["recovery"])
+def create_network(
+    body: NetworkCreate, db: Database = DB, _: Principal = OPERATOR
+) -> NetworkRecord:
+    return network.create_network(db, name=body.name, kind=body.kind, subnet=body.subnet)
+
+
+@router.post("/network-mappings", response_model=MappingRecord, status_code=201,
+             tags=["recovery"])  # fmt: skip
+def map_network(body: NetworkMap, db: Database = DB, _: Principal = OPERATOR) -> MappingRecord:
+    return network.map_network(db, source=body.source, recovery=body.recovery, test=body.test)

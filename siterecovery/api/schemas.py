@@ -62,9 +62,52 @@ class AssignPolicy(Body):
     policy: Name
 
 
+class FailoverOptionsIn(Body):
+    """How the recovery agent starts the replica (see ``FailoverOptions``)."""
+
+    mode: Literal["instant", "full"] | None = None
+    expose: Annotated[
+        list[Annotated[str, Field(pattern=r"^(\d{1,3}(\.\d{1,3}){3}:)?\d{1,5}:\d{1,5}$")]],
+        Field(max_length=16),
+    ] = Field(default_factory=list)
+    append: Annotated[str, Field(max_length=4096, pattern=r"^[^\x00]*$")] | None = None
+
+
 class FailoverRequest(Body):
+    """``point``: a point id, ``latest`` or ``latest-app`` (planned: always the final one)."""
+
     kind: Literal["test", "planned", "unplanned"]
     point: Name | None = None
+    options: FailoverOptionsIn = Field(default_factory=FailoverOptionsIn)
+
+
+class NetworkCreate(Body):
+    name: Name
+    kind: Literal["user", "isolated"] = "user"
+    subnet: Annotated[str, Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")] = "10.0.2.0/24"
+
+
+class NetworkMap(Body):
+    source: Name
+    recovery: Name
+    test: Name
+
+
+class ChangePointRequest(Body):
+    point: Name
+
+
+class ResyncRequest(Body):
+    full: bool = False
+    reason: Text | None = None
+
+
+class HandOffRequest(Body):
+    """Hand a planned failover to the other site: ``recovery`` or ``source-finish``."""
+
+    session: Session
+    phase: Literal["recovery", "source-finish"]
+    details: dict[str, Any] = Field(default_factory=dict)
 
 
 class TokenCreate(Body):

@@ -2,11 +2,14 @@
 
 The vault decides when work is due; agents claim it (DESIGN §2):
 
-- a pending or running *enable protection* / *disable protection* job of one of the host's
-  VMs is due at once;
-- a *protected* VM is due for a **cycle** one copy interval after its last cycle (at once if
-  it never had one), and not before ``next_retry_at`` after a recoverable failure; a
-  non-recoverable last error stops its cycles until an operator acts.
+- a pending or running job is due at once, for the host that runs its kind (the VM's own
+  host, or a recovery host: :mod:`~siterecovery.vault.operations`);
+- otherwise :func:`siterecovery.replication.scheduler.decide` says what is due for a VM of
+  the host: a **cycle** one copy interval after its last cycle (at once if it never had one),
+  not before ``next_retry_at`` after a recoverable failure (the backoff of
+  :mod:`siterecovery.replication.retry`), nothing after a non-recoverable one; a **resync**
+  for a VM in *resync required* once inside its policy's resync window (handed out as a
+  *resynchronize* job, as an operator's ``POST /v1/vms/{vm}/resync`` is at once).
 
 A claim takes a :class:`WorkLease` on the VM, so no VM is ever worked on twice at a time; the
 lease ends when the agent reports the outcome, or expires after ``lease_s`` (an agent that
@@ -25,21 +28,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, delete, or_, select
+from sqlalchemy import Select, and_, delete, or_, select
 from sqlalchemy.orm import Session
 
-from siterecovery.domain import Health, JobState, ReplicationState
+from siterecovery.domain import Health, ReplicationState
 from siterecovery.errors import InputError
-from siterecovery.vault import checks, rows
+from siterecovery.replication.retry import next_retry_at
+from siterecovery.replication.scheduler import Action, VmSchedule, decide
+from siterecovery.vault import checks, operations, rows
 from siterecovery.vault.auth_models import WorkLease
 from siterecovery.vault.db import Database
-from siterecovery.vault.models import Host, Job, Policy, RecoveryPoint, ReplicatedVm, Vm
+from siterecovery.vault.models import Host, Job, Policy, RecoveryPoint, ReplicatedVm, SiteRole, Vm
 from siterecovery.vault.records import HostRecord, PolicyRecord, ReplicatedVmRecord
-from siterecovery.vault.service import (
-    DISABLE_PROTECTION,
-    ENABLE_PROTECTION,
-    check_policy,
-)
+from siterecovery.vault.service import check_policy
 from siterecovery.vault.states import (
     REPLICATING_STATES,
     ErrorClass,
@@ -49,7 +50,8 @@ from siterecovery.vault.states import (
 )
 
 CYCLE = "cycle"
-JOB_KINDS = (ENABLE_PROTECTION, DISABLE_PROTECTION)
+RESYNC_WORK = "resync"
+JOB_KINDS = tuple(sorted(operations.ALL_KINDS))
 MAX_CLAIM = 64
 DEFAULT_LEASE_S = 300
 S = ReplicationState
@@ -73,69 +75,107 @@ class WorkItem:
 def claim_work(
     db: Database, /, *, host: str, session: str, limit: int = 4, lease_s: int = DEFAULT_LEASE_S
 ) -> list[WorkItem]:
-    """Lease up to ``limit`` due pieces of work of ``host`` to the agent ``session``."""
+    """Lease up to ``limit`` due pieces of work of ``host`` to the agent ``session``.
+
+    Jobs first (see :mod:`~siterecovery.vault.operations` for which host runs which kind),
+    then, for hosts of a primary site, what :func:`scheduler.decide` says is due: a cycle
+    (or its retry), or a resync inside the policy's window, made a *resynchronize* job.
+    """
     checks.uuid_text("agent session", session)
     checks.integer("claim limit", limit, low=1, high=MAX_CLAIM)
     checks.integer("lease (seconds)", lease_s, low=5, high=86400)
     with db.transaction() as txn:
         host_row = rows.host(txn, host)
         now = db.now()
-        leases = {
-            lease.vm_id: lease
-            for lease in txn.scalars(select(WorkLease).where(WorkLease.host_id == host_row.id))
-        }
         items: list[WorkItem] = []
-        for job in _due_jobs(txn, host_row, limit, now, session):
-            if len(items) < limit and job.vm is not None:
-                _take(txn, items, leases, job.vm, now, session, lease_s, job=job)
-        for row in _due_cycles(txn, host_row, now, session):
-            if len(items) < limit and row.vm.name not in {i.vm for i in items}:
-                _take(txn, items, leases, row.vm, now, session, lease_s, replicated=row)
+        for job in _due_jobs(txn, host_row, now, session):
+            if len(items) < limit and job.vm is not None and job.vm.name not in _names(items):
+                operations.on_claim(job, host_row)
+                _take(txn, items, host_row, job.vm, now, session, lease_s, job=job)
+        if host_row.site.role == SiteRole.RECOVERY:
+            return items  # recovery hosts replicate nothing (until reverse replication)
+        for row, action in _due_replication(txn, host_row, now, session):
+            if len(items) >= limit or row.vm.name in _names(items):
+                continue
+            if action == Action.RESYNC:
+                reason = row.resync_required_reason or "resync required"
+                job = operations.new_resync_job(txn, db, row_vm=row.vm, reason=reason,
+                                                trigger="resync window")  # fmt: skip
+                _take(txn, items, host_row, row.vm, now, session, lease_s, job=job)
+            else:
+                _take(txn, items, host_row, row.vm, now, session, lease_s, replicated=row)
         return items
 
 
-def _not_leased(query: Select[Any], now: datetime, session: str) -> Select[Any]:
-    """Leave out VMs this session already works on (a live lease of the same session)."""
+def _names(items: list[WorkItem]) -> set[str]:
+    return {i.vm for i in items}
+
+
+def _not_leased(query: Select[Any], host: Host, now: datetime, session: str) -> Select[Any]:
+    """Leave out VMs leased to someone else: a live lease of another host, or of this same
+    session (work in progress). A live lease of this host under another session is a
+    previous agent process's, handed back (resumed)."""
     return query.outerjoin(WorkLease, WorkLease.vm_id == Vm.id).where(
-        or_(WorkLease.vm_id.is_(None), WorkLease.expires_at <= now, WorkLease.session != session)
+        or_(
+            WorkLease.vm_id.is_(None),
+            WorkLease.expires_at <= now,
+            and_(WorkLease.host_id == host.id, WorkLease.session != session),
+        )
     )
 
 
-def _due_jobs(txn: Session, host: Host, limit: int, now: datetime, session: str) -> list[Job]:
-    query = _not_leased(select(Job).join(Vm, Job.vm_id == Vm.id), now, session)
+def _due_jobs(txn: Session, host: Host, now: datetime, session: str) -> list[Job]:
+    query = _not_leased(select(Job).join(Vm, Job.vm_id == Vm.id), host, now, session)
+    mine = Vm.host_id == host.id
+    if host.site.role == SiteRole.RECOVERY:
+        mine = or_(mine, Job.kind.in_(sorted(operations.RECOVERY_KINDS)))
     query = (
-        query.where(Vm.host_id == host.id, Job.kind.in_(JOB_KINDS))
-        .where(Job.state.in_([JobState.PENDING, JobState.RUNNING]))
+        query.where(mine, Job.kind.in_(JOB_KINDS), Job.state.in_(operations.OPEN))
         .order_by(Job.created_at, Job.id)
-        .limit(limit)
         .with_for_update(skip_locked=True, of=Job)
     )
-    return list(txn.scalars(query))
+    return [job for job in txn.scalars(query) if operations.claimable(job, host)]
 
 
-def _due_cycles(txn: Session, host: Host, now: datetime, session: str) -> list[ReplicatedVm]:
-    query = _not_leased(select(ReplicatedVm).join(Vm, ReplicatedVm.vm_id == Vm.id), now, session)
+def _due_replication(
+    txn: Session, host: Host, now: datetime, session: str
+) -> list[tuple[ReplicatedVm, Action]]:
+    """Protected or resync-required VMs of ``host`` with a cycle, retry or resync due now."""
+    blocked = select(Job.id).where(
+        Job.vm_id == ReplicatedVm.vm_id, Job.state.in_(operations.OPEN),
+        Job.kind.in_(sorted(operations.BLOCKING_KINDS)),
+    )  # fmt: skip
+    query = _not_leased(
+        select(ReplicatedVm).join(Vm, ReplicatedVm.vm_id == Vm.id), host, now, session
+    )
     query = (
         query
-        .where(Vm.host_id == host.id, ReplicatedVm.state == S.PROTECTED)
-        .where(or_(ReplicatedVm.error_class.is_(None),
-                   ReplicatedVm.error_class != ErrorClass.NON_RECOVERABLE))
+        .where(Vm.host_id == host.id, ReplicatedVm.state.in_([S.PROTECTED, S.RESYNC_REQUIRED]))
         .where(or_(ReplicatedVm.next_retry_at.is_(None), ReplicatedVm.next_retry_at <= now))
+        .where(~blocked.exists())
         .order_by(ReplicatedVm.last_cycle_at.is_not(None), ReplicatedVm.last_cycle_at)
         .with_for_update(skip_locked=True, of=ReplicatedVm)
     )  # fmt: skip
-    due = []
+    due: list[tuple[ReplicatedVm, Action]] = []
     for row in txn.scalars(query):
-        interval = timedelta(seconds=row.policy.copy_frequency_s)
-        if row.last_cycle_at is None or row.last_cycle_at + interval <= now:
-            due.append(row)
+        decision = decide(_schedule_of(row), now)
+        if decision.ready(now) and decision.action != Action.NONE:
+            due.append((row, decision.action))
     return due
+
+
+def _schedule_of(row: ReplicatedVm) -> VmSchedule:
+    return VmSchedule(
+        state=row.state, copy_frequency_s=row.policy.copy_frequency_s,
+        resync_window=row.policy.resync_window, last_cycle_at=row.last_cycle_at,
+        error_class=row.error_class, next_retry_at=row.next_retry_at,
+    )  # fmt: skip
 
 
 def _take(
     txn: Session,
     items: list[WorkItem],
-    leases: dict[int, WorkLease],
+    host: Host,
     vm: Vm,
     now: datetime,
     session: str,
@@ -144,14 +184,14 @@ def _take(
     job: Job | None = None,
     replicated: ReplicatedVm | None = None,
 ) -> None:
-    lease = leases.get(vm.id)
+    lease = txn.get(WorkLease, vm.id)
     if lease is not None and lease.session == session and lease.expires_at > now:
         return  # this agent is working on it right now
-    resumed = lease is not None
+    resumed = lease is not None and lease.host_id == host.id
     if lease is None:
-        lease = WorkLease(vm=vm, host=vm.host, session=session)
+        lease = WorkLease(vm=vm, host=host, session=session)
         txn.add(lease)
-        leases[vm.id] = lease
+    lease.host = host
     kind = job.kind if job is not None else CYCLE
     lease.session, lease.kind, lease.job_id = session, kind, job.id if job else None
     lease.claimed_at, lease.expires_at = now, now + timedelta(seconds=lease_s)
@@ -169,6 +209,13 @@ def _take(
             details=dict(job.details) if job else {},
         )
     )
+
+
+def holds_lease(db: Database, /, *, host: str, vm: str) -> bool:
+    """Whether ``host`` holds a live lease on ``vm`` (it may then touch the VM's records)."""
+    with db.transaction(write=False) as txn:
+        lease = txn.get(WorkLease, rows.vm(txn, vm).id)
+        return lease is not None and lease.host.name == host and lease.expires_at > db.now()
 
 
 def extend_lease(
@@ -338,34 +385,28 @@ def _policy(row: ReplicatedVm) -> Policy:
     return row.policy
 
 
-#: The seed's retry schedule for recoverable errors: 1, 2, 4, 8, 10 minutes, then 30.
-BACKOFF_S = (60, 120, 240, 480, 600)
-BACKOFF_LATER_S = 1800
-
-
-def backoff_s(attempts: int) -> int:
-    """Seconds to wait before retry number ``attempts`` (1-based) of a recoverable failure."""
-    checks.integer("attempts", attempts, low=1)
-    return BACKOFF_S[attempts - 1] if attempts <= len(BACKOFF_S) else BACKOFF_LATER_S
-
-
 def record_cycle_failure(
     db: Database, /, *, vm: str, message: str, recoverable: bool, resync: bool
 ) -> ReplicatedVmRecord:
     """Record a failed cycle or job step of ``vm`` and move it where the failure leads.
 
-    A recoverable failure is retried on the :func:`backoff_s` schedule; ``resync`` (the
+    A recoverable failure is retried on the schedule of :func:`retry.next_retry_at`
+    (1, 2, 4, 8, 10 minutes, then every 30); ``resync`` (the
     change log cannot be trusted) moves a protected VM to *resync required*; a
-    non-recoverable failure while enabling protection moves the VM to *error*.
+    non-recoverable failure while enabling protection moves the VM to *error*; a failed
+    resync goes back to *resync required* (recoverable) or to *error*.
     """
     from siterecovery.vault import service as service_
 
     kind = ErrorClass.RECOVERABLE if recoverable else ErrorClass.NON_RECOVERABLE
     current = service_.get_protection(db, vm=vm)
     retry_at = None
-    if recoverable:
-        retry_at = db.now() + timedelta(seconds=backoff_s(current.attempts + 1))
+    if recoverable and not resync:
+        retry_at = next_retry_at(db.now(), current.attempts + 1)
     record = points_failure(db, vm=vm, error=message, error_class=kind, next_retry_at=retry_at)
+    if record.state == S.RESYNCING:  # a failed resync: again in the window, or an operator
+        target = S.RESYNC_REQUIRED if recoverable else S.ERROR
+        return service_.transition(db, vm=vm, to_state=target, reason=message[:500])
     if resync and record.state == S.PROTECTED:
         return service_.transition(db, vm=vm, to_state=S.RESYNC_REQUIRED, reason=message[:500])
     if not recoverable and record.state in (S.ENABLING_PROTECTION, S.INITIAL_REPLICATION):

@@ -1,0 +1,261 @@
+"""Operations operators ask for through the API and agents run: failover, its follow-ups, resync.
+
+Each request creates a pending **job**; an agent claims it (:mod:`siterecovery.vault.work`)
+and runs its tasks, reporting through the agents' API. Who claims a job is decided here:
+
+==========================  ====================  ==========================================
+job kind                    phase                 claimed by
+==========================  ====================  ==========================================
+resynchronize               —                     the VM's host (primary site)
+test / unplanned failover   ``recovery``          any host of a recovery site
+planned failover            ``source``            the VM's host: pause the source VM, ship
+                                                  the final cycle, then **hand off**
+planned failover            ``recovery``          a recovery host: select the final point,
+                                                  start the replica, then hand off back
+planned failover            ``source-finish``     the VM's host: quit the source (replica
+                                                  runs) or resume it (the replica failed)
+failover cleanup / change   —                     the recovery host that ran the failover
+recovery point / commit                           (``details["recovery_host"]``)
+==========================  ====================  ==========================================
+
+The phase is kept in the job's ``details["phase"]``; :func:`hand_off` moves it and ends the
+claimer's lease in one transaction, so the next claim of the other side gets the job. A
+recovery host that claims a failover is recorded in ``details["recovery_host"]``: the replica
+runs there, so cleanup, change point and commit go to it.
+
+While a *planned failover* or a *resynchronize* job is open, the VM gets no cycle: the source
+is paused (planned) or the resync owns the change log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from siterecovery.domain import FailoverKind, JobState, ReplicationState
+from siterecovery.errors import InputError
+from siterecovery.vault import checks, rows
+from siterecovery.vault.db import Database
+from siterecovery.vault.errors import Conflict, InvalidJobState, InvalidTransition
+from siterecovery.vault.jobs import add_job
+from siterecovery.vault.models import Host, Job, SiteRole
+from siterecovery.vault.records import JobRecord
+from siterecovery.vault.service import DISABLE_PROTECTION, ENABLE_PROTECTION, transition
+
+S = ReplicationState
+
+RESYNC = "resynchronize"
+RESYNC_TASKS = ("prepare resync", "compare and send blocks", "finalize resync")
+FAILOVER_JOB = {FailoverKind.TEST: "test failover", FailoverKind.PLANNED: "planned failover",
+                FailoverKind.UNPLANNED: "unplanned failover"}  # fmt: skip
+CLEANUP, CHANGE_POINT, COMMIT = "test failover cleanup", "change recovery point", "commit failover"
+FOLLOW_UP_TASKS = {
+    CLEANUP: ("stop replica VM", "remove drill data"),
+    CHANGE_POINT: ("select recovery point", "stop replica VM", "prepare disks",
+                   "start replica VM"),
+    COMMIT: ("check replica VM", "commit"),
+}  # fmt: skip
+SOURCE, RECOVERY, SOURCE_FINISH = "source", "recovery", "source-finish"
+PLANNED_SOURCE_TASKS = ("check prerequisites", "shut down source VM", "replicate final changes")
+RECOVERY_TASKS = ("select recovery point", "prepare disks", "start replica VM")
+RELEASE_SOURCE = "release source VM"
+
+#: Job kinds the VM's own (primary) host runs.
+PRIMARY_KINDS = frozenset({ENABLE_PROTECTION, DISABLE_PROTECTION, RESYNC})
+#: Job kinds a recovery host runs (planned failover: only in its recovery phase).
+RECOVERY_KINDS = frozenset({*FAILOVER_JOB.values(), CLEANUP, CHANGE_POINT, COMMIT})
+ALL_KINDS = PRIMARY_KINDS | RECOVERY_KINDS
+#: While one of these is open the VM gets no cycle.
+BLOCKING_KINDS = frozenset({FAILOVER_JOB[FailoverKind.PLANNED], RESYNC, ENABLE_PROTECTION,
+                            DISABLE_PROTECTION})  # fmt: skip
+OPEN = (JobState.PENDING, JobState.RUNNING)
+OPTION_KEYS = frozenset({"mode", "expose", "append"})
+
+
+def claimable(job: Job, host: Host) -> bool:
+    """Whether ``host`` may claim the open ``job`` now (see the module table)."""
+    owner = job.vm is not None and job.vm.host_id == host.id
+    phase = job.details.get("phase")
+    if job.kind == FAILOVER_JOB[FailoverKind.PLANNED]:
+        if phase in (SOURCE, SOURCE_FINISH):
+            return owner
+        return phase == RECOVERY and _recovery_host(host, job)
+    if job.kind in PRIMARY_KINDS:
+        return owner
+    return job.kind in RECOVERY_KINDS and _recovery_host(host, job)
+
+
+def _recovery_host(host: Host, job: Job) -> bool:
+    wanted = job.details.get("recovery_host")
+    return host.site.role == SiteRole.RECOVERY and wanted in (None, host.name)
+
+
+def on_claim(job: Job, host: Host) -> None:
+    """Record the recovery host that claims a failover: its follow-ups go to it."""
+    if job.kind in FAILOVER_JOB.values() and job.details.get("phase") == RECOVERY:
+        job.details = {**job.details, "recovery_host": host.name}
+
+
+# ---- operators' requests -------------------------------------------------------------------
+
+
+def request_failover(
+    db: Database, /, *, vm: str, kind: FailoverKind | str, point: str | None,
+    options: dict[str, Any] | None = None,
+) -> JobRecord:  # fmt: skip
+    """A pending failover job of ``vm`` for a recovery agent (planned: for the VM's agent
+    first). Refused (nothing changes) unless the VM's state allows that kind."""
+    kind = checks.member("failover kind", FailoverKind, kind)
+    opts = _options(options or {})
+    target = point or "latest"
+    if kind == FailoverKind.PLANNED and point not in (None, "latest"):
+        raise InputError("a planned failover always uses the final cycle's point",
+                         hint="leave out the point")  # fmt: skip
+    with db.transaction() as txn:
+        row = rows.replicated(txn, vm, for_update=True)
+        _require_state(vm, row.state, _FAILOVER_FROM[kind], f"start a {FAILOVER_JOB[kind]}")
+        _require_no_open_job(txn, row.vm_id, vm)
+        tasks: tuple[str, ...] = ("check prerequisites", *RECOVERY_TASKS)
+        phase = RECOVERY
+        if kind == FailoverKind.PLANNED:
+            tasks, phase = (*PLANNED_SOURCE_TASKS, *RECOVERY_TASKS, RELEASE_SOURCE), SOURCE
+        details = {"point": target, "phase": phase, "options": opts, "failover": str(kind)}
+        job = add_job(txn, db.now(), kind=FAILOVER_JOB[kind], vm=row.vm, tasks=tasks,
+                      details=details)  # fmt: skip
+        txn.flush()
+        return JobRecord.of(job)
+
+
+_FAILOVER_FROM = {
+    FailoverKind.TEST: {S.PROTECTED},
+    FailoverKind.PLANNED: {S.PROTECTED},
+    FailoverKind.UNPLANNED: {S.PROTECTED, S.RESYNC_REQUIRED, S.ERROR},
+}
+
+
+def request_follow_up(
+    db: Database, /, *, vm: str, kind: str, point: str | None = None
+) -> JobRecord:
+    """A pending cleanup / change point / commit job for the host that runs the replica."""
+    if kind not in FOLLOW_UP_TASKS:
+        raise InputError(f"unknown failover operation {kind!r}")
+    needs = {CLEANUP: {S.TEST_FAILOVER_RUNNING}, CHANGE_POINT: {S.FAILED_OVER},
+             COMMIT: {S.FAILED_OVER}}[kind]  # fmt: skip
+    if kind == CHANGE_POINT and not point:
+        raise InputError("say which recovery point to change to")
+    with db.transaction() as txn:
+        row = rows.replicated(txn, vm, for_update=True)
+        _require_state(vm, row.state, needs, f"run a {kind}")
+        _require_no_open_job(txn, row.vm_id, vm)
+        host = _last_recovery_host(txn, row.vm_id)
+        details: dict[str, Any] = {"recovery_host": host}
+        if point:
+            details["point"] = checks.label("recovery point", point)
+        job = add_job(txn, db.now(), kind=kind, vm=row.vm, tasks=FOLLOW_UP_TASKS[kind],
+                      details=details)  # fmt: skip
+        txn.flush()
+        return JobRecord.of(job)
+
+
+def request_resync(db: Database, /, *, vm: str, reason: str, full: bool = False) -> JobRecord:
+    """Mark ``vm`` *resync required* (from protected or error) and queue a resync job now."""
+    checks.text("reason", reason)
+    with db.transaction(write=False) as txn:
+        row = rows.replicated(txn, vm)
+        state, vm_id = row.state, row.vm_id
+        _require_state(vm, state, {S.PROTECTED, S.ERROR, S.RESYNC_REQUIRED}, "resync it")
+        _require_no_open_job(txn, vm_id, vm)
+    if state != S.RESYNC_REQUIRED:
+        transition(db, vm=vm, to_state=S.RESYNC_REQUIRED, reason=reason)
+    return add_resync_job(db, vm=vm, reason=reason, trigger="operator", full=full)
+
+
+def add_resync_job(
+    db: Database, /, *, vm: str, reason: str, trigger: str, full: bool = False
+) -> JobRecord:
+    """A pending *resynchronize* job of ``vm`` (details: reason, trigger, full)."""
+    with db.transaction() as txn:
+        row = rows.vm(txn, vm)
+        job = new_resync_job(txn, db, row_vm=row, reason=reason, trigger=trigger, full=full)
+        return JobRecord.of(job)
+
+
+def new_resync_job(
+    txn: Session, db: Database, *, row_vm: Any, reason: str, trigger: str, full: bool = False
+) -> Job:
+    """Add a resync job inside the caller's transaction."""
+    details = {"reason": reason[:500], "trigger": trigger, "full": full}
+    job = add_job(txn, db.now(), kind=RESYNC, vm=row_vm, tasks=RESYNC_TASKS, details=details)
+    txn.flush()
+    return job
+
+
+# ---- agents' hand-off ----------------------------------------------------------------------
+
+
+def hand_off(
+    db: Database, /, *, job: str, phase: str, details: dict[str, Any] | None = None
+) -> JobRecord:
+    """Move the open planned failover ``job`` to ``phase`` and merge ``details`` into its
+    details. The caller's lease is ended by the view in the same request."""
+    if phase not in (RECOVERY, SOURCE_FINISH):
+        raise InputError(f"unknown phase {phase!r}", hint=f"use {RECOVERY} or {SOURCE_FINISH}")
+    extra = checks.json_object("hand-off details", details or {})
+    with db.transaction() as txn:
+        row = rows.job(txn, job, for_update=True)
+        if row.state not in OPEN or row.kind != FAILOVER_JOB[FailoverKind.PLANNED]:
+            raise InvalidJobState(
+                f"job {row.id} ({row.kind}, {row.state}) cannot be handed off",
+                hint="only an open planned failover is handed between sites",
+            )
+        expected = {RECOVERY: SOURCE, SOURCE_FINISH: RECOVERY}[phase]
+        if row.details.get("phase") != expected:
+            raise InvalidJobState(
+                f"job {row.id} is in phase {row.details.get('phase')!r}, not {expected!r}"
+            )
+        row.details = {**row.details, **extra, "phase": phase}
+        txn.flush()
+        return JobRecord.of(row)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - OPTION_KEYS)
+    if unknown:
+        raise InputError(f"unknown failover options {unknown}", hint="use mode, expose, append")
+    if options.get("mode") not in (None, "instant", "full"):
+        raise InputError(f"unknown recovery mode {options['mode']!r}", hint="instant or full")
+    return checks.json_object("failover options", options)
+
+
+def _require_state(vm: str, state: S, allowed: set[S], what: str) -> None:
+    if state not in allowed:
+        raise InvalidTransition(vm=vm, current=state, operation=what, required=allowed)
+
+
+def _require_no_open_job(txn: Session, vm_id: int, vm: str) -> None:
+    query = select(Job).where(Job.vm_id == vm_id, Job.state.in_(OPEN), Job.kind.in_(ALL_KINDS))
+    found = txn.scalars(query.limit(1)).first()
+    if found is not None:
+        raise Conflict(
+            f"VM {vm!r} has an open {found.kind} job {found.id}",
+            hint="wait for it to end (`siterecovery job show ID`)",
+        )
+
+
+def _last_recovery_host(txn: Session, vm_id: int) -> str | None:
+    query = (
+        select(Job)
+        .where(Job.vm_id == vm_id, Job.kind.in_(list(FAILOVER_JOB.values())))
+        .order_by(Job.created_at.desc())
+        .limit(5)
+    )
+    for job in txn.scalars(query):
+        host = job.details.get("recovery_host")
+        if isinstance(host, str):
+            return host
+    return None
