@@ -91,7 +91,7 @@ def read_passphrase(
         return os.environ[env]
     try:
         answer = typer.prompt(what, hide_input=True, confirmation_prompt=confirm)
-    except click.exceptions.Abort as exc:
+    except (typer.Abort, click.exceptions.Abort) as exc:  # EOF on stdin: no one to ask
         raise PassphraseRequired(f"no passphrase given for {what.lower()}") from exc
     return str(answer)
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from siterecovery.store.errors import KeyFileError, StoreInputError, WrongPassphrase
 
 __all__ = [
+    "DEFAULT_SCRYPT",
     "MIN_PASSPHRASE_LEN",
     "WRAPPING",
     "ScryptParams",
@@ -77,6 +78,10 @@ class ScryptParams:
         return self
 
 
+#: The parameters new wrappings use (module-level so tests can make them cheap).
+DEFAULT_SCRYPT = ScryptParams()
+
+
 def _canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
@@ -101,7 +106,7 @@ def wrap_secret(
 ) -> dict[str, Any]:
     """A document holding ``fields`` plus ``secret`` wrapped under ``passphrase`` (see the
     module docstring). ``fields`` must not use the names this module adds."""
-    params = (params or ScryptParams()).check("the requested wrapping")
+    params = (params or DEFAULT_SCRYPT).check("the requested wrapping")
     check_new_passphrase(passphrase)
     salt, nonce = os.urandom(_SALT_LEN), os.urandom(_NONCE_LEN)
     doc = {
