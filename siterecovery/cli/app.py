@@ -18,7 +18,7 @@ from siterecovery import __version__
 from siterecovery.cli import failover_cmd, output
 from siterecovery.cli.context import Env
 from siterecovery.cli.resync_cmd import register_resync_commands
-from siterecovery.cli.service_cmd import register_service_commands
+from siterecovery.cli.service_cmd import register_service_commands, replace_resync
 from siterecovery.cli.store_cmd import store_app_factory
 from siterecovery.domain import parse_duration
 from siterecovery.errors import InputError, SiteRecoveryError
@@ -79,11 +79,28 @@ def _root(
     workdir: WorkdirOption = None,
     version: Annotated[
         bool,
-        typer.Option("--version", help="Show the version.", callback=_show_version,
-                     is_eager=True),
+        typer.Option("--version", help="Show the version.", callback=_show_version, is_eager=True),
     ] = False,
+    vault: Annotated[
+        str | None,
+        typer.Option(
+            "--vault",
+            envvar="SITERECOVERY_VAULT",
+            metavar="URL",
+            help="Talk to this vault's API (https); the token comes from "
+            "$SITERECOVERY_TOKEN or WORKDIR/admin.token.",
+        ),
+    ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            metavar="FILE",
+            help="CA certificate the vault's TLS is pinned to (default: WORKDIR/pki/ca.pem).",
+        ),
+    ] = None,
 ) -> None:
-    env = Env(Settings.load(workdir))
+    env = Env(Settings.load(workdir), vault_url=vault, ca_file=ca)
     ctx.obj = env
     _current.append(env)
     ctx.call_on_close(env.close)
@@ -221,13 +238,11 @@ def vm_register(
 @vm_app.command("list")
 def vm_list(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     """VMs registered in the vault, with their protection state."""
-    from siterecovery.vault import service
-
-    vms = service.list_vms(_env(ctx).db())
+    vms = _env(ctx).vault().list_vms()
     if json_out:
         return output.print_json(vms)
-    rows = [(v.name, v.host, v.state, ", ".join(f"{d.name} {output.size(d.size)}"
-             for d in v.disks)) for v in vms]  # fmt: skip
+    rows = [(v["name"], v["host"], v["state"], ", ".join(f"{d['name']} {output.size(d['size'])}"
+             for d in v["disks"])) for v in vms]  # fmt: skip
     output.out.print(output.table("VMs", ["VM", "host", "state", "disks"], rows))
 
 
@@ -247,33 +262,29 @@ def policy_create(
     encryption: Annotated[bool, typer.Option(help="Encrypt replicated data.")] = False,
 ) -> None:
     """Create a replication policy."""
-    from siterecovery.vault import service
-
     retention_s = parse_duration(retention, what="retention", default_unit="h")
     app_s = parse_duration(app_consistent, what="app-consistent frequency", default_unit="h")
     for what, seconds in (("retention", retention_s), ("app-consistent frequency", app_s)):
         if seconds % 3600:
             raise InputError(f"{what} must be whole hours", hint="e.g. 24h")
-    record = service.create_policy(
-        _env(ctx).db(), name=name,
-        copy_frequency_s=parse_duration(frequency, what="copy frequency"),
-        retention_h=retention_s // 3600, app_consistent_h=app_s // 3600,
-        resync_window=resync_window, encryption=encryption,
-    )  # fmt: skip
-    output.out.print(f"policy {record.name} created")
+    record = _env(ctx).vault().create_policy({
+        "name": name, "copy_frequency_s": parse_duration(frequency, what="copy frequency"),
+        "retention_h": retention_s // 3600, "app_consistent_h": app_s // 3600,
+        "resync_window": resync_window, "encryption": encryption,
+    })  # fmt: skip
+    output.out.print(f"policy {record['name']} created")
 
 
 @policy_app.command("list")
 def policy_list(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     """Replication policies."""
-    from siterecovery.vault import service
-
-    policies = service.list_policies(_env(ctx).db())
+    policies = _env(ctx).vault().list_policies()
     if json_out:
         return output.print_json(policies)
-    rows = [(p.name, f"{p.copy_frequency_s}s", f"{p.retention_h}h",
-             f"{p.app_consistent_h}h" if p.app_consistent_h else "off", p.resync_window,
-             "yes" if p.encryption else "no") for p in policies]  # fmt: skip
+    rows = [(p["name"], f"{p['copy_frequency_s']}s", f"{p['retention_h']}h",
+             f"{p['app_consistent_h']}h" if p["app_consistent_h"] else "off",
+             p["resync_window"], "yes" if p["encryption"] else "no")
+            for p in policies]  # fmt: skip
     columns = ["policy", "frequency", "retention", "app-consistent", "resync window", "encrypted"]
     output.out.print(output.table("policies", columns, rows))
 
@@ -287,18 +298,14 @@ def protect(
     vm: Annotated[str, typer.Argument(help="A registered VM.")],
     policy: Annotated[str, typer.Option(help="Replication policy.")],
 ) -> None:
-    """Enable protection: the enable protection job, with the initial replication."""
-    from siterecovery.replication.protection import ProtectionService
+    """Enable protection: the enable protection job, with the initial replication.
 
-    env = _env(ctx)
-    service_ = ProtectionService(env.db(), env.store(), env.settings.run_dir)
-    job, result = service_.enable_protection(vm, policy)
-    _print_job(job)
-    output.out.print(
-        f"initial replication: {output.size(result.bytes_read)} read, "
-        f"{output.size(result.bytes_shipped)} stored in {result.duration_s:.2f} s; "
-        f"recovery point {result.point.point_id}"
-    )
+    Embedded: runs the job now. Through the vault API: queues it for the VM's agent.
+    """
+    job, summary = _env(ctx).vault().protect(vm, policy)
+    output.print_job(job)
+    output.out.print(summary or f"the agent of the VM's host runs job {job['id'][:8]}; "
+                     f"follow it with `siterecovery job {job['id'][:8]}`")  # fmt: skip
 
 
 @app.command()
@@ -309,7 +316,7 @@ def replicate(
     every: Annotated[str, typer.Option(help="Pause between cycles.")] = "30s",
     json_out: JsonFlag = False,
 ) -> None:
-    """Run delta replication cycles now (the agent runs them on the policy's schedule)."""
+    """Run delta replication cycles now, embedded (agents run them on the policy's schedule)."""
     import time
 
     from siterecovery.replication.protection import ProtectionService
@@ -338,23 +345,12 @@ def status(
     vm: Annotated[str | None, typer.Argument(help="One VM (default: all).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Replicated VMs with state, health, RPO, last cycle, and the last error with its class,
-    attempts and next retry time."""
-    from siterecovery.vault import points, service
-
-    db = _env(ctx).db()
-    records = [service.get_protection(db, vm=vm)] if vm else service.list_protected(db)
-    rpos = {r.vm: points.rpo_seconds(db, vm=r.vm) for r in records}
+    """Replicated VMs with state, health and its reasons, RPO, last cycle, and the last error
+    with its class, attempts and next retry time."""
+    records = _env(ctx).vault().status(vm)
     if json_out:
-        return output.print_json([{**output.to_jsonable(r), "rpo_s": rpos[r.vm]}
-                                  for r in records])  # fmt: skip
-    rows = [(r.vm, r.policy, r.state, f"{r.health}: {r.health_reason}",
-             "" if rpos[r.vm] is None else f"{rpos[r.vm]:.0f}s", output.when(r.last_cycle_at),
-             r.last_error or "", r.error_class or "", r.attempts or "",
-             output.when(r.next_retry_at)) for r in records]  # fmt: skip
-    columns = ["VM", "policy", "state", "health", "RPO", "last cycle", "last error",
-               "error class", "attempts", "next retry (UTC)"]  # fmt: skip
-    output.out.print(output.table("replicated VMs", columns, rows))
+        return output.print_json(records)
+    output.out.print(output.status_table(records))
 
 
 @app.command("points")
@@ -364,15 +360,16 @@ def points_cmd(
     json_out: JsonFlag = False,
 ) -> None:
     """Recovery points of a VM, oldest first."""
-    from siterecovery.vault import points
-
-    records = points.list_points(_env(ctx).db(), vm=vm)
+    records = _env(ctx).vault().points(vm)
     if json_out:
         return output.print_json(records)
-    rows = [(p.point_id, output.when(p.created_at), p.consistency, output.size(p.bytes_shipped))
-            for p in records]  # fmt: skip
-    output.out.print(output.table(f"recovery points of {vm}",
-                                  ["point", "created (UTC)", "consistency", "shipped"], rows))
+    rows = [(p["point_id"], output.when(p["created_at"]), p["consistency"],
+             output.size(p["bytes_shipped"])) for p in records]  # fmt: skip
+    output.out.print(
+        output.table(
+            f"recovery points of {vm}", ["point", "created (UTC)", "consistency", "shipped"], rows
+        )
+    )
 
 
 @app.command()
@@ -380,18 +377,23 @@ def jobs(
     ctx: typer.Context,
     vm: Annotated[str | None, typer.Option(help="Only this VM's jobs.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Refresh the table until interrupted (Ctrl-C).")
+    ] = False,
+    every: Annotated[float, typer.Option(min=0.2, max=60, help="Seconds between refreshes.")] = 2.0,
     json_out: JsonFlag = False,
 ) -> None:
     """Jobs, newest first."""
-    from siterecovery.vault import jobs as jobs_
-
-    records = jobs_.list_jobs(_env(ctx).db(), vm=vm, limit=limit)
+    if watch and json_out:
+        raise InputError("--watch draws a live table: it cannot be combined with --json",
+                         hint="poll `siterecovery jobs --json` instead")  # fmt: skip
+    vault = _env(ctx).vault()
+    if watch:
+        return output.watch(lambda: output.jobs_table(vault.jobs(vm, limit)), every)
+    records = vault.jobs(vm, limit)
     if json_out:
         return output.print_json(records)
-    rows = [(j.id[:8], j.kind, j.vm, j.state, f"{j.progress}%", output.when(j.created_at),
-             j.error or "") for j in records]  # fmt: skip
-    output.out.print(output.table("jobs", ["job", "kind", "VM", "state", "progress", "created",
-                                           "error"], rows))  # fmt: skip
+    output.out.print(output.jobs_table(records))
 
 
 @app.command("job")
@@ -401,17 +403,10 @@ def job_show(
     json_out: JsonFlag = False,
 ) -> None:
     """One job with its tasks."""
-    from siterecovery.vault import jobs as jobs_
-
-    db = _env(ctx).db()
-    matches = [j for j in jobs_.list_jobs(db, limit=1000) if j.id.startswith(job_id)]
-    if len(matches) != 1:
-        raise InputError(
-            f"{len(matches)} jobs match {job_id!r}", hint="give more characters of the job id"
-        )
+    record = _env(ctx).vault().job(job_id)
     if json_out:
-        return output.print_json(matches[0])
-    _print_job(matches[0])
+        return output.print_json(record)
+    output.print_job(record)
 
 
 # -- recovery --------------------------------------------------------------------------------
@@ -442,25 +437,12 @@ def restore(
         output.out.print(f"{name}: {path}")
 
 
-def _print_job(job: object) -> None:
-    from siterecovery.vault.records import JobRecord
-
-    assert isinstance(job, JobRecord)
-    rows = []
-    for t in job.tasks:
-        took = ""
-        if t.started_at and t.ended_at:
-            took = f"{(t.ended_at - t.started_at).total_seconds():.2f} s"
-        rows.append((t.name, t.state, took, t.error or ""))
-    title = f"job {job.id[:8]} {job.kind} [{job.state}]"
-    output.out.print(output.table(title, ["task", "state", "duration", "error"], rows))
-
-
 app.add_typer(failover_cmd.failover_app_factory(failover_cmd.current_env), name="failover")
 
 
 register_resync_commands(app, _env)
 register_service_commands(app, _env)
+replace_resync(app, _env)
 
 
 def main() -> None:

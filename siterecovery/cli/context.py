@@ -1,4 +1,4 @@
-"""What a command needs from the embedded default: settings, the vault and the store.
+"""What a command needs: settings, the vault (API or embedded database) and the store.
 
 Opened lazily and once per command; a missing vault or key file gives an error that says
 which command creates it.
@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from siterecovery.errors import NotFoundError
 from siterecovery.settings import Settings
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.vault.db import Database, open_database
+
+if TYPE_CHECKING:
+    from siterecovery.cli.facade import VaultFacade
 
 
 @dataclass
@@ -20,8 +24,13 @@ class Env:
     """The settings of this invocation and the handles opened from them."""
 
     settings: Settings
+    vault_url: str | None = None
+    """``--vault URL``: operator commands go through this vault's API."""
+    ca_file: Path | None = None
+    """``--ca FILE``: the CA certificate that vault's TLS is pinned to."""
     _db: Database | None = field(default=None, repr=False)
     _store: ReplicaStore | None = field(default=None, repr=False)
+    _vault: VaultFacade | None = field(default=None, repr=False)
 
     def db(self) -> Database:
         """The vault database; NotFoundError if no vault was initialized here."""
@@ -46,6 +55,17 @@ class Env:
             self._store = open_store(self.settings)
         return self._store
 
+    def vault(self) -> VaultFacade:
+        """The vault operator commands talk to: the API when one is configured (see
+        :class:`~siterecovery.cli.facade.VaultTarget`), else the embedded database."""
+        if self._vault is None:
+            from siterecovery.cli.facade import open_vault
+
+            self._vault = open_vault(self)
+        return self._vault
+
     def close(self) -> None:
+        if self._vault is not None:
+            self._vault.close()
         if self._db is not None:
             self._db.close()

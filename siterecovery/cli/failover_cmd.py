@@ -47,6 +47,10 @@ def current_env() -> Env:
 
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
+WaitFlag = Annotated[
+    bool, typer.Option("--wait", help="Through the vault API: wait for the job to end.")
+]
+WAIT_S = 600.0
 
 
 def failover_app_factory(get_env: Callable[[], Env]) -> typer.Typer:
@@ -89,23 +93,39 @@ def failover_app_factory(get_env: Callable[[], Env]) -> typer.Typer:
         append: Annotated[str | None, typer.Option(help="Replace the kernel command line.")]
         = None,
         accel: Annotated[str, typer.Option(help="tcg or kvm.")] = "tcg",
+        wait: Annotated[bool, typer.Option("--wait", help="Through the vault API: wait for "
+                                           "the jobs to end.")] = False,
         json_out: JsonFlag = False,
     ) -> None:
-        """Fail VMs over: --test, --planned or --unplanned."""
+        """Fail VMs over: --test, --planned or --unplanned.
+
+        Embedded: the replica starts on this host. Through the vault API: a job per VM for
+        a recovery site's agent (a planned failover starts on the VM's own agent)."""
         from siterecovery.domain import FailoverKind
         from siterecovery.recovery.failover import FailoverOptions
         from siterecovery.recovery.replica import Probe, RecoveryMode
-        from siterecovery.vault import service as vault
 
         if [test, planned, unplanned].count(True) != 1:
             raise InputError("say which failover: exactly one of --test, --planned, --unplanned")
         kind = FailoverKind.TEST if test else (
             FailoverKind.PLANNED if planned else FailoverKind.UNPLANNED)
         names = list(vms or [])
+        facade = get_env().vault()
         if all_vms:
-            names += [r.vm for r in vault.list_protected(get_env().db()) if r.vm not in names]
+            names += [r["vm"] for r in facade.status(None) if r["vm"] not in names]
         if not names:
             raise InputError("name the VMs to fail over, or pass --all")
+        if facade.remote:
+            if check_serial is not None or check_port is not None:
+                raise InputError("drill checks run only with the embedded vault",
+                                 hint="leave out --check-serial/--check-port")  # fmt: skip
+            options: dict[str, Any] = {"expose": list(expose or [])}
+            options |= {"mode": "full"} if full_restore else {}
+            options |= {"append": append} if append is not None else {}
+            requested = {vm: facade.request_failover(vm, str(kind), point, options)
+                         for vm in names}  # fmt: skip
+            _report_jobs(requested, wait, json_out)
+            return
         probe = None
         if check_serial is not None:
             probe = Probe("serial", pattern=check_serial)
@@ -118,24 +138,27 @@ def failover_app_factory(get_env: Callable[[], Env]) -> typer.Typer:
         _report(results, json_out)
 
     @app.command("cleanup")
-    def cleanup(vm: Annotated[str, typer.Argument(help="VM whose drill ends.")]) -> None:
+    def cleanup(vm: Annotated[str, typer.Argument(help="VM whose drill ends.")],
+                wait: WaitFlag = False, json_out: JsonFlag = False) -> None:  # fmt: skip
         """End a drill: stop its replica and remove everything it made."""
-        _print_job(service().cleanup(vm))
+        _report_jobs({vm: get_env().vault().follow_up(vm, "cleanup")}, wait, json_out)
 
     @app.command("change-point")
     def change_point(
         vm: Annotated[str, typer.Argument(help="A failed-over VM.")],
         point: Annotated[str, typer.Option(help="Point id, latest or latest-app.")],
+        wait: WaitFlag = False,
+        json_out: JsonFlag = False,
     ) -> None:
         """Restart the failed-over VM from another recovery point (before commit)."""
-        outcome = service().change_point(vm, point)
-        outcome.process.detach()
-        _print_job(outcome.job)
+        job = get_env().vault().follow_up(vm, "change-point", point)
+        _report_jobs({vm: job}, wait, json_out)
 
     @app.command("commit")
-    def commit(vm: Annotated[str, typer.Argument(help="A failed-over VM.")]) -> None:
+    def commit(vm: Annotated[str, typer.Argument(help="A failed-over VM.")],
+               wait: WaitFlag = False, json_out: JsonFlag = False) -> None:  # fmt: skip
         """Commit the failover: the point can no longer change."""
-        _print_job(service().commit(vm))
+        _report_jobs({vm: get_env().vault().follow_up(vm, "commit")}, wait, json_out)
 
     @app.command("status")
     def status(vm: Annotated[str, typer.Argument(help="A VM.")], json_out: JsonFlag = False
@@ -228,6 +251,36 @@ def _report(results: dict[str, Any], json_out: bool) -> None:
     if failed:
         first = next(iter(failed.values()))
         raise first if len(results) == 1 else typer.Exit(first.exit_code)
+
+
+def _report_jobs(requested: dict[str, dict[str, Any]], wait: bool, json_out: bool) -> None:
+    """Print the jobs asked for (after they end, with ``wait``); exit 1 if one failed."""
+    jobs = {vm: _wait_job(job) if wait else job for vm, job in requested.items()}
+    if json_out:
+        output.print_json(jobs)
+    else:
+        for job in jobs.values():
+            output.print_job(job)
+            if job["state"] == "pending":
+                output.out.print(f"job {job['id'][:8]} is queued for the agents; follow it "
+                                 f"with `siterecovery job {job['id'][:8]}`")  # fmt: skip
+    if any(j["state"] in ("failed", "cancelled") for j in jobs.values()):
+        raise typer.Exit(1)
+
+
+def _wait_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Poll the job until it ends (embedded jobs have ended already)."""
+    import time
+
+    deadline = time.monotonic() + WAIT_S
+    facade = current_env().vault()
+    while job["state"] in ("pending", "running"):
+        if time.monotonic() > deadline:
+            raise InputError(f"job {job['id'][:8]} is still {job['state']} after {WAIT_S:.0f} s",
+                             hint="follow it with `siterecovery jobs --watch`")  # fmt: skip
+        time.sleep(0.5)
+        job = facade.job(job["id"])
+    return job
 
 
 def _print_job(job: Any) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,64 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     return result
 
 
-def when(value: datetime | None) -> str:
-    """A timestamp as people read it in a table (UTC, seconds)."""
+def when(value: datetime | str | None) -> str:
+    """A timestamp (a datetime or ISO 8601 text) as people read it in a table (UTC, seconds)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _seconds(start: str | None, end: str | None) -> str:
+    if not (start and end):
+        return ""
+    took = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+    return f"{took.total_seconds():.2f} s"
+
+
+def job_table(job: Mapping[str, Any]) -> Table:
+    """One job (a JSON document) with its tasks."""
+    rows = [(t["name"], t["state"], _seconds(t.get("started_at"), t.get("ended_at")),
+             t.get("error") or "") for t in job["tasks"]]  # fmt: skip
+    title = f"job {str(job['id'])[:8]} {job['kind']} [{job['state']}]"
+    return table(title, ["task", "state", "duration", "error"], rows)
+
+
+def print_job(job: Mapping[str, Any]) -> None:
+    out.print(job_table(job))
+
+
+def jobs_table(jobs: Sequence[Mapping[str, Any]]) -> Table:
+    """Jobs (JSON documents), newest first."""
+    rows = [(str(j["id"])[:8], j["kind"], j.get("vm"), j["state"], f"{j['progress']}%",
+             when(j["created_at"]), j.get("error") or "") for j in jobs]  # fmt: skip
+    return table("jobs", ["job", "kind", "VM", "state", "progress", "created", "error"], rows)
+
+
+def status_table(records: Sequence[Mapping[str, Any]]) -> Table:
+    """Replicated VMs (``/v1/status`` documents) with health, RPO and the last error."""
+    rows = [(r["vm"], r["policy"], r["state"],
+             f"{r['health']}: {'; '.join(r['health_reasons'])}",
+             "" if r["rpo_s"] is None else f"{r['rpo_s']:.0f}s", when(r["last_cycle_at"]),
+             r["last_error"] or "", r.get("error_class") or "", r.get("attempts") or "",
+             when(r.get("next_retry_at"))) for r in records]  # fmt: skip
+    columns = ["VM", "policy", "state", "health", "RPO", "last cycle", "last error",
+               "error class", "attempts", "next retry (UTC)"]  # fmt: skip
+    return table("replicated VMs", columns, rows)
+
+
+def watch(render: Callable[[], Table], every_s: float) -> None:
+    """Redraw ``render()`` every ``every_s`` seconds in place until Ctrl-C."""
+    import time
+
+    from rich.live import Live
+
+    with Live(render(), console=out, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(every_s)
+                live.update(render(), refresh=True)
+        except KeyboardInterrupt:
+            return
 
 
 def size(n: int | float) -> str:

@@ -50,6 +50,46 @@ def register_service_commands(app: typer.Typer, get_env: GetEnv) -> None:
     app.command("up")(_up(get_env))
 
 
+def replace_resync(app: typer.Typer, get_env: GetEnv) -> None:
+    """Make ``resync`` go through the invocation's vault (API or embedded): the command
+    registered by :mod:`~siterecovery.cli.resync_cmd` runs the resync in-process only."""
+    app.registered_commands[:] = [
+        c for c in app.registered_commands
+        if (c.name or getattr(c.callback, "__name__", "")) != "resync"
+    ]  # fmt: skip
+    app.command("resync")(_resync(get_env))
+
+
+def _resync(get_env: GetEnv) -> Callable[..., None]:
+    def resync(
+        ctx: typer.Context,
+        vm: Annotated[str, typer.Argument(help="A protected VM.")],
+        full: Annotated[
+            bool, typer.Option(help="Copy every disk whole (when replica data is damaged).")
+        ] = False,
+        json_out: JsonFlag = False,
+    ) -> None:
+        """Resynchronize a VM now: send only the blocks that differ from the replica.
+
+        Embedded: runs here. Through the vault API: the VM's agent runs the job now.
+        """
+        job, figures = get_env(ctx).vault().resync(vm, full=full)
+        if json_out:
+            return output.print_json({"job": job["id"], **figures})
+        if not figures:
+            output.print_job(job)
+            output.out.print(f"the VM's agent runs resync job {job['id'][:8]} now")
+            return
+        output.out.print(
+            f"resync job {job['id'][:8]} [{job['state']}]: {figures['blocks_compared']} "
+            f"blocks compared, {figures['blocks_sent']} sent "
+            f"({output.size(figures['bytes_sent'])}, {output.size(figures['bytes_shipped'])} "
+            f"stored) in {figures['duration_s']:.2f} s; recovery point {figures['point']}"
+        )
+
+    return resync
+
+
 def _group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
     for info in app.registered_groups:
         if info.name == name and info.typer_instance is not None:

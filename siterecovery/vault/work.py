@@ -324,6 +324,9 @@ class VmStatus:
     last_cycle: dict[str, Any]
     throughput_bps: float | None
     last_error: str | None
+    error_class: ErrorClass | None = None
+    attempts: int = 0
+    next_retry_at: datetime | None = None
 
 
 def list_hosts(db: Database, /, *, heartbeat_timeout_s: float) -> list[HostStatus]:
@@ -334,13 +337,19 @@ def list_hosts(db: Database, /, *, heartbeat_timeout_s: float) -> list[HostStatu
         return [_host_status(h, now, heartbeat_timeout_s) for h in found]
 
 
-def _host_status(row: Host, now: datetime, timeout_s: float) -> HostStatus:
+def _host_status(row: Host, now: datetime, timeout_s: float | None) -> HostStatus:
     age = None if row.last_heartbeat is None else (now - row.last_heartbeat).total_seconds()
-    return HostStatus(HostRecord.of(row), age is not None and age <= timeout_s, age)
+    connected = timeout_s is None or (age is not None and age <= timeout_s)
+    return HostStatus(HostRecord.of(row), connected, age)
 
 
-def status(db: Database, /, *, vm: str | None = None, heartbeat_timeout_s: float) -> list[VmStatus]:
-    """Replicated VMs (all, or ``vm``) with live RPO, health and the last cycle's figures."""
+def status(
+    db: Database, /, *, vm: str | None = None, heartbeat_timeout_s: float | None
+) -> list[VmStatus]:
+    """Replicated VMs (all, or ``vm``) with live RPO, health and the last cycle's figures.
+
+    ``heartbeat_timeout_s`` None: hosts are not judged by heartbeats (the embedded vault,
+    where no agent reports)."""
     with db.transaction(write=False) as txn:
         now = db.now()
         query = select(ReplicatedVm).join(Vm, ReplicatedVm.vm_id == Vm.id).order_by(Vm.name)
@@ -349,7 +358,9 @@ def status(db: Database, /, *, vm: str | None = None, heartbeat_timeout_s: float
         return [_vm_status(txn, r, now, heartbeat_timeout_s) for r in txn.scalars(query)]
 
 
-def _vm_status(txn: Session, row: ReplicatedVm, now: datetime, timeout_s: float) -> VmStatus:
+def _vm_status(
+    txn: Session, row: ReplicatedVm, now: datetime, timeout_s: float | None
+) -> VmStatus:
     point = txn.scalars(
         select(RecoveryPoint).where(RecoveryPoint.vm_id == row.vm_id)
         .order_by(RecoveryPoint.created_at.desc()).limit(1)
@@ -377,7 +388,8 @@ def _vm_status(txn: Session, row: ReplicatedVm, now: datetime, timeout_s: float)
         policy=row.policy.name, state=row.state, health=health, health_reasons=tuple(reasons),
         rpo_s=rpo, rpo_threshold_s=threshold, last_point_id=point.point_id if point else None,
         last_cycle_at=row.last_cycle_at, last_cycle=figures, throughput_bps=throughput,
-        last_error=row.last_error,
+        last_error=row.last_error, error_class=row.error_class, attempts=row.attempts,
+        next_retry_at=row.next_retry_at,
     )  # fmt: skip
 
 
