@@ -241,10 +241,16 @@ class Replicator:
                 return self.copy_base(nbd, disk)
             return self._copy_delta(nbd, disk, previous.disks[disk.disk])
 
-    def copy_base(self, nbd: NbdClient, disk: DiskView) -> tuple[DiskChain, DiskCycleStats]:
-        """Copy every allocated, non-zero store block of ``disk`` into a new base."""
+    def copy_base(
+        self, nbd: NbdClient, disk: DiskView, *, repair: bool = False
+    ) -> tuple[DiskChain, DiskCycleStats]:
+        """Copy every allocated, non-zero store block of ``disk`` into a new base.
+
+        ``repair`` checks each chunk that already exists before reusing it and rewrites a
+        damaged one (a resync after damage must not deduplicate against corrupt data).
+        """
         ranges = block_ranges(nbd.allocated_extents(), self.store.block_size, disk.size)
-        writer = self.store.begin_base(self.vm, disk.disk, disk.size)
+        writer = self.store.begin_base(self.vm, disk.disk, disk.size, repair=repair)
         done = self._pump(nbd, ranges, disk.disk, writer.write, writer.abort)
         base = writer.commit()
         chain = DiskChain(size=disk.size, base=base, segments=())

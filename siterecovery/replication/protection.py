@@ -78,6 +78,7 @@ from siterecovery.replication.scheduler import (
     over_threshold,
 )
 from siterecovery.store.manifest import PointManifest
+from siterecovery.store.repair import DAMAGE_REASON
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.store.wrappers import wrap_backend
 from siterecovery.vault import jobs, points, service
@@ -239,6 +240,8 @@ class ProtectionService:
         replica data itself is damaged).
         """
         self._enter_resync_required(vm, reason)
+        pending = service.get_protection(self.db, vm=vm).resync_required_reason or reason
+        full = full or pending.startswith(DAMAGE_REASON)  # damaged replica: copy whole
         record = service.get_vm(self.db, name=vm)
         job = jobs.create_job(
             self.db, kind=RESYNC, vm=vm, tasks=RESYNC_TASKS, details={"reason": reason}

@@ -160,7 +160,7 @@ class Resyncer:
 
     def _full_copy(self, nbd: NbdClient, disk: DiskView) -> tuple[DiskChain, DiskResyncStats]:
         replicator = Replicator(self.tracker, self.store, self.vm, progress=self.progress)
-        chain, stats = replicator.copy_base(nbd, disk)
+        chain, stats = replicator.copy_base(nbd, disk, repair=True)
         blocks = -(-disk.size // BLOCK)
         stats_ = DiskResyncStats(
             disk.disk, blocks, blocks, stats.bytes_read, stats.bytes_read, stats.bytes_shipped,

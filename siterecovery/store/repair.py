@@ -99,6 +99,11 @@ def repair_plan(report: VerifyReport) -> list[RepairAction]:
     return actions
 
 
+#: How :func:`damaged_vms` reasons begin; a resync for such a reason copies disks whole and
+#: repairs damaged chunks (checksums of damaged replica data cannot be trusted).
+DAMAGE_REASON = "store verify found damaged replica data"
+
+
 def damaged_vms(report: VerifyReport) -> dict[str, str]:
     """Every VM with a damaged recovery point or a damaged object its disks refer to,
     mapped to a reason to record with *resync required* (the first damaged object and how
@@ -112,7 +117,7 @@ def damaged_vms(report: VerifyReport) -> dict[str, str]:
         first = actions[0]
         more = f" and {len(actions) - 1} more" if len(actions) > 1 else ""
         reasons[vm] = (
-            f"store verify found damaged replica data: {first.kind} {first.key} "
+            f"{DAMAGE_REASON}: {first.kind} {first.key} "
             f"({first.problem}){more}"
         )
     return reasons

@@ -313,6 +313,30 @@ def test_full_resync_copies_every_disk_whole(vm_rig: VmRig) -> None:
     assert rig.latest_disks() == rig.snapshot()
 
 
+def test_damaged_replica_is_repaired_by_the_resync_verify_asks_for(vm_rig: VmRig) -> None:
+    """verify finds a corrupt chunk -> resync required -> a whole-disk resync rewrites it."""
+    from siterecovery.store.repair import DAMAGE_REASON, damaged_vms
+
+    rig = vm_rig
+    rig.write("d0", 2 * MiB, random.Random(5).randbytes(MiB))
+    rig.protect()
+    chunks = sorted(p for p in (rig.workdir / "store" / "chunks").rglob("*") if p.is_file())
+    victim = max(chunks, key=lambda p: p.stat().st_size)  # the random block's chunk
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    report = rig.store.verify(deep=True)
+    reasons = damaged_vms(report)
+    assert list(reasons) == ["vm1"] and reasons["vm1"].startswith(DAMAGE_REASON)
+    rig.protection.require_resync("vm1", reasons["vm1"])
+    assert rig.state() == S.RESYNC_REQUIRED
+    job, _ = rig.protection.resync("vm1", reason=reasons["vm1"])
+    assert job.task("prepare resync").details["full"] is True  # damage: copy whole, repair
+    assert rig.state() == S.PROTECTED
+    assert rig.store.verify(deep=True).ok
+    assert rig.latest_disks() == rig.snapshot()
+
+
 def test_resync_refuses_a_vm_that_is_not_protected(vm_rig: VmRig) -> None:
     vm_rig.protection.register_vm(
         host="h1", name="vm1", qmp_path=vm_rig.vm.qmp_path, config={}  # type: ignore[union-attr]
