@@ -210,9 +210,16 @@ def _attempt(result: ContenderResult, log: Log, *, keep: bool, round_no: int = -
 
 
 def result_json(
-    result: ContenderResult, ours: ContenderResult, data_bytes: int | None
+    result: ContenderResult,
+    ours: ContenderResult,
+    data_bytes: int | None,
+    ratio_of: str | None = None,
 ) -> dict[str, Any]:
-    """One contender's JSON record: runs, summaries and (anchors) ratio of ours to it."""
+    """One contender's JSON record: runs, summaries and (anchors) ratio of ours to it.
+
+    The ratio is over the process times, or over figure ``ratio_of`` when given (runs
+    lacking it leave the ratio out).
+    """
     contender = result.contender
     doc: dict[str, Any] = {
         "name": contender.name,
@@ -225,14 +232,21 @@ def result_json(
     if not result.runs:
         return doc
     doc["summary"] = _summaries(result, data_bytes)
-    if contender.role == "anchor" and ours.runs and len(ours.runs) == len(result.runs):
+    mine, theirs = _paired(ours, ratio_of), _paired(result, ratio_of)
+    if contender.role == "anchor" and mine and len(mine) == len(theirs):
         doc["time_ratio"] = {
-            **ratio_summary(ours.seconds(), result.seconds()).to_json(),
-            "per_run": [
-                round(a / b, 4) for a, b in zip(ours.seconds(), result.seconds(), strict=True)
-            ],
+            **ratio_summary(mine, theirs).to_json(),
+            "per_run": [round(a / b, 4) for a, b in zip(mine, theirs, strict=True)],
         }
     return doc
+
+
+def _paired(result: ContenderResult, figure: str | None) -> list[float]:
+    """The values a ratio is taken over: process seconds, or ``figure`` of every run."""
+    if figure is None:
+        return result.seconds()
+    values = [run.figures.get(figure) for run in result.runs]
+    return [v for v in values if v is not None] if None not in values else []
 
 
 def _summaries(result: ContenderResult, data_bytes: int | None) -> dict[str, Any]:

@@ -19,12 +19,20 @@ END = "<!-- bench:latest:end -->"
 
 #: figure name -> column title, in column order
 FIGURES = {
+    "running_s": "running s",
+    "first_output_s": "first output s",
+    "booted_s": "booted s",
     "io_read_bytes": "read (rchar)",
     "bytes_read": "disk read",
+    "bytes_sent": "sent",
     "bytes_shipped": "shipped",
+    "shipped_per_change": "shipped/change",
     "bytes_stored": "stored",
     "bytes_allocated": "allocated",
 }
+#: figures that are not bytes: name -> how a summary of it is written
+SECONDS = ("running_s", "first_output_s", "booted_s")
+RATIOS = ("shipped_per_change",)
 
 
 def human_bytes(value: float) -> str:
@@ -45,17 +53,31 @@ def _bytes(summary: dict[str, Any]) -> str:
     return human_bytes(summary["median"])
 
 
-def _contender_line(doc: dict[str, Any], columns: list[str], has_rate: bool) -> str:
+def _figure(name: str, summary: dict[str, Any]) -> str:
+    """One figure's cell: seconds and ratios with their range, bytes as a median."""
+    if name in SECONDS:
+        return _range(summary, ".2f")
+    if name in RATIOS:
+        return f"{summary['median']:.2f}x"
+    return _bytes(summary)
+
+
+def _contender_line(
+    doc: dict[str, Any], columns: list[str], has_rate: bool, process_time: bool = True
+) -> str:
     summary = doc.get("summary")
     name = doc["name"] + (" **(ours)**" if doc["role"] == "ours" else "")
     if not summary:
-        cells = [f"failed: {(doc.get('error') or 'no run')[:120]}"] + [""] * (len(columns) + 2)
+        blank = len(columns) + (2 if process_time else 1)
+        cells = [f"failed: {(doc.get('error') or 'no run')[:120]}"] + [""] * blank
         return f"| {name} | " + " | ".join(cells) + " |"
-    cells = [_range(summary["seconds"], ".2f")]
+    cells = []
+    if process_time:
+        cells.append(_range(summary["seconds"], ".2f"))
     if has_rate:
         cells.append(_range(summary["mb_per_s"], ".0f") if "mb_per_s" in summary else "")
     cells.append(_bytes(summary["max_rss_bytes"]))
-    cells += [_bytes(summary[c]) if c in summary else "" for c in columns]
+    cells += [_figure(c, summary[c]) if c in summary else "" for c in columns]
     ratio = doc.get("time_ratio")
     cells.append(_range(ratio, ".2f") if ratio else "")
     return f"| {name} | " + " | ".join(cells) + " |"
@@ -72,17 +94,18 @@ def row_markdown(row: dict[str, Any]) -> str:
     present = {k for c in contenders for k in c.get("summary", {})}
     wanted = row.get("columns") or list(FIGURES)
     columns = [name for name in FIGURES if name in present and name in wanted]
-    has_rate = bool(row.get("data_bytes"))
+    process_time = row.get("process_time", True)
+    has_rate = bool(row.get("data_bytes")) and process_time
     head = [
         "contender",
-        "time s",
+        *(["time s"] if process_time else []),
         *(["MB/s"] if has_rate else []),
         "peak RSS",
         *(FIGURES[c] for c in columns),
         row.get("ratio_title", "time ours/this"),
     ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += [_contender_line(c, columns, has_rate) for c in contenders]
+    lines += [_contender_line(c, columns, has_rate, process_time) for c in contenders]
     return "\n".join([*lines, ""])
 
 

@@ -18,7 +18,6 @@ State flow (all under the work directory, prepared untimed):
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import sys
@@ -51,6 +50,8 @@ class Bench:
     block_size: int = 1 << 20
     #: set by the delta row for the restore row: (store dir, keys file, qcow2 in state A')
     delta_state: tuple[Path, Path, Path] | None = None
+    #: whether ``source`` holds A' (the change applied) rather than A; see :func:`use_source`
+    source_changed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -193,7 +194,12 @@ def _row(
     note: str = "",
     ratio_title: str = "",
     columns: Sequence[str] = (),
+    ratio_of: str | None = None,
+    process_time: bool = True,
 ) -> dict[str, Any]:
+    """A row's JSON record; ``ratio_of`` takes the ratio over that figure instead of the
+    process time; ``process_time=False`` leaves time and MB/s out of the markdown table (the
+    row's own figures say it better)."""
     ours = results[0]
     status = "ok" if ours.runs else f"failed: {ours.error}"
     return {
@@ -204,7 +210,8 @@ def _row(
         "data_bytes": data_bytes,
         "ratio_title": ratio_title or "time ours/this",
         "columns": list(columns) or None,
-        "contenders": [result_json(r, ours, data_bytes) for r in results],
+        "process_time": process_time,
+        "contenders": [result_json(r, ours, data_bytes, ratio_of) for r in results],
     }
 
 
@@ -220,6 +227,21 @@ def unavailable(row_id: str, title: str, why: str) -> dict[str, Any]:
     }
 
 
+def per_change(contender: Contender, change_bytes: int) -> Contender:
+    """``contender`` whose figures also hold ``shipped_per_change``: bytes shipped over the
+    bytes the change wrote (1.0 = exactly the change)."""
+    collect = contender.collect
+
+    def with_ratio(stdout: str) -> Figures:
+        figures = collect(stdout)
+        if "bytes_shipped" in figures:
+            figures["shipped_per_change"] = figures["bytes_shipped"] / change_bytes
+        return figures
+
+    contender.collect = with_ratio
+    return contender
+
+
 def _run(bench: Bench, title: str, contenders: list[Contender]) -> list[ContenderResult]:
     bench.log(f"== {title}")
     return run_row(contenders, runs=bench.runs, warmup=bench.warmup, log=bench.log)
@@ -229,6 +251,7 @@ def initial_row(bench: Bench) -> dict[str, Any]:
     title = "Initial replication into file:// (vs cp, qemu-img convert, rsync, restic, borg)"
     qcow2 = bench.work / "base.qcow2"
     to_qcow2(bench.image, qcow2)
+    use_source(bench, changed=False)
     ours = OursInitial(bench, qcow2)
     places = bench.places
     try:
@@ -262,19 +285,16 @@ def delta_row(bench: Bench) -> dict[str, Any]:
     places = bench.places
     templates = anchors.make_templates(places, bench.work / "templates")
     ours = OursDelta(bench, bench.spec, bench.image, bench.work / "ours-delta")
-    apply_change(bench.source, bench.spec)  # the anchors' source becomes A'
+    use_source(bench, changed=True)  # the anchors' source becomes A'
     unchanged = bench.image
     try:
-        results = _run(
-            bench,
-            title,
-            [
-                ours.contender(),
-                anchors.rsync_delta(places, unchanged),
-                anchors.restic_incremental(places, templates),
-                anchors.borg_incremental(places, templates),
-            ],
-        )
+        contenders = [
+            ours.contender(),
+            anchors.rsync_delta(places, unchanged),
+            anchors.restic_incremental(places, templates),
+            anchors.borg_incremental(places, templates),
+        ]
+        results = _run(bench, title, [per_change(c, bench.spec.change_bytes) for c in contenders])
     finally:
         ours.close()
     bench.delta_state = (ours.store, ours.keys, ours.qcow2)
@@ -286,7 +306,8 @@ def delta_row(bench: Bench) -> dict[str, Any]:
             "read (rchar) = bytes through read syscalls of the contender's processes, program "
             "start-up included (Python reads its modules); disk read = bytes siterecovery read "
             "from the disk over NBD; shipped = rsync's bytes sent, or the growth of the "
-            "store/repository's allocated size."
+            "store/repository's allocated size; shipped/change = shipped over the "
+            f"{bench.spec.change_bytes >> 10} KiB changed (aim for ours: at most 1.1x)."
         ),
     )
 
@@ -296,6 +317,7 @@ def restore_row(bench: Bench) -> dict[str, Any]:
     if bench.delta_state is None:
         return unavailable("restore", title, "the delta row did not leave a recovery point")
     store, keys, qcow2 = bench.delta_state
+    use_source(bench, changed=True)
     dest = bench.work / "restore" / "disk.raw"
     reset_dir(dest.parent)
     restore_argv = _worker("restore", *_store_args(store, keys), "--dest", str(dest))
@@ -373,44 +395,21 @@ def ensure_image(path: Path, spec: WorkloadSpec, log: Log) -> None:
     stamp.write_text(wanted)
 
 
-def feature_rows() -> list[dict[str, Any]]:
-    """Rows for features that do not exist yet (each says why)."""
-    from siterecovery.store.backend import supported_schemes
-
-    schemes = supported_schemes()
-    rows = []
-    for scheme, what in (("s3", "SeaweedFS S3"), ("azure", "Azurite")):
-        title = f"Initial replication into {what} ({scheme}://)"
-        why = (
-            f"siterecovery.store has no {scheme}:// backend"
-            if scheme not in schemes
-            else f"the harness does not start {what} yet"
-        )
-        rows.append(unavailable(f"initial-{scheme}", title, why))
-    rows.append(
-        unavailable(
-            "resync",
-            "Resync after the 1 % divergence without tracking (vs rsync delta)",
-            "siterecovery.replication has no resync entry point"
-            if importlib.util.find_spec("siterecovery.replication.resync") is None
-            else "the resync row is added by the resync issue",
-        )
-    )
-    rows.append(
-        unavailable(
-            "failover-rto",
-            "Failover RTO (instant and full restore), base and large disk",
-            "no failover job entry point to time end to end (instant recovery over NBD is not "
-            "there yet)",
-        )
-    )
-    return rows
-
-
 def prepare_source(bench: Bench) -> None:
     """Make ``src/disk.raw`` a sparse copy of the reference image (state A)."""
     bench.source.parent.mkdir(parents=True, exist_ok=True)
     run_quiet(["cp", "--sparse=always", str(bench.image), str(bench.source)])
+    bench.source_changed = False
+
+
+def use_source(bench: Bench, *, changed: bool) -> None:
+    """Make the anchors' source hold A' (``changed``) or A, whatever rows ran before."""
+    if bench.source_changed == changed and bench.source.exists():
+        return
+    prepare_source(bench)
+    if changed:
+        apply_change(bench.source, bench.spec)
+        bench.source_changed = True
 
 
 def cleanup(bench: Bench) -> None:
@@ -422,6 +421,10 @@ def cleanup(bench: Bench) -> None:
         "ours-delta",
         "ours-scale-large",
         "ours-scale-small",
+        "ours-s3",
+        "ours-azure",
+        "ours-resync",
+        "rto",
         "restore",
         "src",
         "base.qcow2",

@@ -2,6 +2,7 @@
 
     python -m bench.run --quick      256 MiB reference disk (2.5 GiB sparse for scaling), 3 runs
     python -m bench.run              2 GiB reference disk (20 GiB sparse for scaling), 5 runs
+    python -m bench.run --quick --rows resync,failover     a subset of the rows
 
 Writes ``bench/results/<UTC date and time>-<variant>.json`` (schema in bench/README.md) and
 the same run as markdown beside it, and replaces the "latest run" section of
@@ -22,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, machine, report, rows
+from bench import ceilings, machine, report, rows, rows_recovery, rows_remote
 from bench.rows import Bench
 from bench.workload import GiB, MiB, WorkloadSpec
 
@@ -31,7 +32,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "quick": {"size": 256 * MiB, "large": 2560 * MiB, "runs": 3, "warmup": 1, "sample": 32 * MiB},
     "full": {"size": 2 * GiB, "large": 20 * GiB, "runs": 5, "warmup": 1, "sample": 128 * MiB},
 }
-ROWS = ("initial", "delta", "restore", "scaling", "ceilings")
+ROWS = ("initial", "s3", "azure", "delta", "resync", "restore", "scaling", "failover", "ceilings")
+#: row name -> row function, in run order (ceilings are measured last, in-process)
+TABLE: tuple[tuple[str, rows.RowFn], ...] = (
+    ("initial", rows.initial_row),
+    ("s3", rows_remote.s3_row),
+    ("azure", rows_remote.azure_row),
+    ("delta", rows.delta_row),
+    ("resync", rows_recovery.resync_row),
+    ("restore", rows.restore_row),
+    ("scaling", rows.scaling_row),
+    ("failover", rows_recovery.failover_row),
+)
 
 
 def _log(message: str) -> None:
@@ -107,16 +119,9 @@ def run(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "rows": [],
     }
     selected = set(args.rows.split(",")) if args.rows else set(ROWS)
-    table: list[tuple[str, rows.RowFn]] = [
-        ("initial", rows.initial_row),
-        ("delta", rows.delta_row),
-        ("restore", rows.restore_row),
-        ("scaling", rows.scaling_row),
-    ]
-    for name, fn in table:
+    for name, fn in TABLE:
         if name in selected:
             results["rows"].append(_guarded(name, fn, bench))
-    results["rows"] += rows.feature_rows()
     if "ceilings" in selected:
         _log("== ceilings")
         results["ceilings"] = ceilings.measure(
@@ -174,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         args.render.with_suffix(".md").write_text(table)
         report.update_doc(args.doc, table)
         return 0
+    unknown = set(args.rows.split(",")) - set(ROWS) if args.rows else set()
+    if unknown:
+        _parser().error(f"unknown rows {', '.join(sorted(unknown))}: use {','.join(ROWS)}")
     variant = "quick" if args.quick else "full"
     started = time.monotonic()
     results = run(variant, args)

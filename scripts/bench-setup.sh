@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install what the benchmark harness (bench/) needs on a Debian machine: the anchors it measures
-# siterecovery against (rsync, restic, borg, qemu-img, cp) and GNU time. Idempotent: runs
-# `apt-get update` and `apt-get install` only when something is missing. Run as root (or with
-# sudo available). The Python side (.venv) is made by scripts/setup.sh.
+# siterecovery against (rsync, restic, borg, qemu-img, cp) and GNU time; then, through
+# `scripts/setup.sh test`, the .venv with pytest (the object-store rows start their servers with
+# tests/servers.py), Azurite and SeaweedFS (scripts/setup-servers.sh) and the demo guest's parts
+# (the failover RTO row). Idempotent: installs only what is missing. Run as root (or with sudo
+# available).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +26,4 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  bash scripts/setup.sh runtime
-fi
+bash scripts/setup.sh test
