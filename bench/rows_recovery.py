@@ -27,9 +27,10 @@ from typing import Any
 import platformdirs
 
 from bench import contenders as anchors
+from bench import rto
 from bench.contenders import copy_tree, reset_dir, run_quiet, stored_figures, tree_size
 from bench.daemon import ServedDisk, served, to_qcow2
-from bench.harness import BenchError, Contender, Figures
+from bench.harness import BenchError, Contender, Figures, run_row
 from bench.rows import (
     OURS,
     Bench,
@@ -173,21 +174,13 @@ def _rto_contender(root: Path, vm: str, mode: str, label: str, role: str) -> Con
         name=label,
         role=role,
         argv=argv,
-        prepare=lambda: _reset(root),
+        prepare=lambda: rto.reset(root),
         collect=collect,
         note=f"FailoverService.unplanned, {mode}",
     )
 
 
-def _reset(root: Path) -> None:
-    from bench import rto
-
-    rto.reset(root)
-
-
 def failover_row(bench: Bench) -> dict[str, Any]:
-    from bench import rto
-
     small, large = bench.spec, bench.large
     title = (
         f"Failover RTO (instant recovery and full restore), {_size(small.size)} and "
@@ -204,16 +197,14 @@ def failover_row(bench: Bench) -> dict[str, Any]:
     rto.build_site(root, Path(platformdirs.user_cache_dir("siterecovery")) / "guest", disks)
     for path in disks.values():
         path.unlink()
-    contenders = [
-        _rto_contender(root, f"vm-{name}", mode, f"{mode} @ {_size(spec.size)}", role)
-        for mode in ("instant", "full")
-        for name, (spec, _) in images.items()
-        for role in ["ours" if (mode, name) == ("instant", "small") else "anchor"]
-    ]
+    contenders: list[Contender] = []
+    for mode in ("instant", "full"):
+        for name, (spec, _) in images.items():
+            role = "ours" if not contenders else "anchor"  # instant at the base size leads
+            label = f"{mode} @ {_size(spec.size)}"
+            contenders.append(_rto_contender(root, f"vm-{name}", mode, label, role))
     runs, warmup = min(bench.runs, 3), min(bench.warmup, 1)
     bench.log(f"== {title}")
-    from bench.harness import run_row
-
     try:
         results = run_row(contenders, runs=runs, warmup=warmup, log=bench.log)
     finally:
