@@ -154,6 +154,10 @@ def setup(settings: Any, url: str, agents: int, vms: int) -> list[tuple[str, str
                 op.post(f"/v1/vms/{name}/protect", {"policy": "bench"})
     with ProcessPoolExecutor(WORKERS) as pool:
         list(pool.map(_protect_all, [(url, str(ca), h) for h in _split(hosts)]))
+    with VaultClient(url, ca_file=ca, secret=admin, retry_for_s=30) as op:
+        protected = sum(s["state"] == "protected" for s in op.get("/v1/status"))
+    if protected != vms:
+        raise SystemExit(f"setup failed: {protected} of {vms} VMs protected")
     return hosts
 
 
@@ -181,10 +185,13 @@ def _protect_host(url: str, ca: str, host: tuple[str, str, list[str]]) -> None:
     with VaultClient(url, ca_file=Path(ca), secret=host[1], retry_for_s=60) as agent:
         while True:
             items = agent.post("/v1/agent/claims", {"session": session, "limit": 64})
-            if not items:
-                return
-            for item in items:
+            for item in items:  # cycles come due once the first VMs are protected
+                if item["kind"] == "cycle":
+                    agent.post(f"/v1/agent/vms/{item['vm']}/cycles", _point(session, item["vm"]))
+                    continue
                 _run_enable(agent, session, item)
+            if all(item["kind"] == "cycle" for item in items):
+                return
 
 
 def _run_enable(agent: Any, session: str, item: dict[str, Any]) -> None:

@@ -159,7 +159,7 @@ class RecoveryWork:
 
         job.run("prepare disks", prepare, fail=failed is None, failed=failed)
         job.run("start replica VM", start, fail=failed is None, failed=failed)
-        if kind != "test":
+        if kind != "test" and self._state(item.vm) == S.FAILING_OVER:  # not on change point
             self._move(item.vm, S.FAILED_OVER, f"running from point {point.point_id}")
 
     def _boot(
