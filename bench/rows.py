@@ -1,13 +1,14 @@
-"""The benchmark rows: which contenders run, from which state, and what each row records.
+"""The benchmark rows on ``file://``: which contenders run, from which state, what each records.
 
-Every row returns a JSON-ready dict (schema in bench/README.md). Rows whose feature does not
-exist in siterecovery yet return ``status: "not available yet: <why>"`` and no numbers; the
-issue that adds the feature extends the row here.
+Every row returns a JSON-ready dict (schema in bench/README.md). A row that cannot run (the
+restore row without the delta row's point) returns ``status: "not available yet: <why>"`` and
+no numbers. Object-store rows are in :mod:`bench.rows_remote`, resync and failover RTO in
+:mod:`bench.rows_recovery`; they build on the helpers here.
 
 State flow (all under the work directory, prepared untimed):
 
-- ``image.raw`` is the reference image A; ``src/disk.raw`` is the anchors' source (A during the
-  initial row, then changed in place to A'); ``base.qcow2`` is A as qcow2 for ours;
+- ``image.raw`` is the reference image A; ``src/disk.raw`` is the anchors' source, A or A' as
+  each row asks (:func:`use_source`); ``base.qcow2`` is A as qcow2 for ours;
 - the delta row builds templates once — ours: a qcow2 served by qemu-storage-daemon, initially
   replicated into a template store, then changed *through the daemon* (tracked) and stopped;
   restic/borg: a repository holding a backup of A — and copies them before every run;
