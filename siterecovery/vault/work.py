@@ -358,9 +358,7 @@ def status(
         return [_vm_status(txn, r, now, heartbeat_timeout_s) for r in txn.scalars(query)]
 
 
-def _vm_status(
-    txn: Session, row: ReplicatedVm, now: datetime, timeout_s: float | None
-) -> VmStatus:
+def _vm_status(txn: Session, row: ReplicatedVm, now: datetime, timeout_s: float | None) -> VmStatus:
     point = txn.scalars(
         select(RecoveryPoint).where(RecoveryPoint.vm_id == row.vm_id)
         .order_by(RecoveryPoint.created_at.desc()).limit(1)
