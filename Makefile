@@ -1,5 +1,5 @@
 # siterecovery — the two commands of the README, and a few more.
-.PHONY: demo test setup setup-test lint unit bench bench-quick clean
+.PHONY: demo test setup setup-test lint unit bench bench-quick bench-vault clean
 
 demo: setup
 	.venv/bin/siterecovery demo
@@ -35,6 +35,9 @@ bench: setup
 bench-quick: setup
 	bash scripts/bench-setup.sh
 	.venv/bin/python -m bench.run --quick
+
+bench-vault: setup
+	.venv/bin/python -m bench.vault_load --backend both
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache
