@@ -63,18 +63,37 @@ def register_resync_commands(app: typer.Typer, get_env: GetEnv) -> None:
         threshold: Annotated[
             float, typer.Option(help="Resync when a disk's pending change passes this share.")
         ] = 0.5,
+        maintenance: Annotated[
+            bool,
+            typer.Option(help="Prune and compact hourly and collect garbage daily "
+                         "(retention from each VM's policy)."),
+        ] = True,
     ) -> None:
         """Run due cycles, retries and resyncs on each policy's schedule, in the foreground."""
+        from siterecovery.replication.maintenance import (
+            Maintenance,
+            MaintenanceOutcome,
+            MaintenancePlan,
+        )
         from siterecovery.replication.runner import Outcome, Runner
 
         tick_s = parse_duration(tick, what="tick")
         if not 1 <= tick_s <= 900:
             raise InputError(f"tick {tick!r} is out of range", hint="use 1s to 15m")
-        runner = Runner(_protection(get_env(ctx), threshold), host=host)
+        protection = _protection(get_env(ctx), threshold)
+        upkeep = (
+            Maintenance(protection.db, protection.store, MaintenancePlan())
+            if maintenance else None
+        )  # fmt: skip
+        runner = Runner(protection, host=host, maintenance=upkeep)
 
         def report(outcome: Outcome) -> None:
             mark = "[green]ok[/]" if outcome.ok else "[red]failed[/]"
             output.err.print(f"{outcome.vm} {outcome.action} {mark}: {outcome.summary}")
+
+        def report_upkeep(done: MaintenanceOutcome) -> None:
+            mark = "[green]ok[/]" if done.ok else "[red]failed[/]"
+            output.err.print(f"store {done.operation} {done.vm or ''} {mark}: {done.summary}")
 
         if once:
             runner.resume_interrupted()
@@ -87,7 +106,9 @@ def register_resync_commands(app: typer.Typer, get_env: GetEnv) -> None:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            runner.run_forever(stop, tick_s=float(tick_s), report=report)
+            runner.run_forever(
+                stop, tick_s=float(tick_s), report=report, on_maintenance=report_upkeep
+            )
         except KeyboardInterrupt:
             stop.set()
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from siterecovery.domain import ReplicationState
 from siterecovery.errors import InputError, SiteRecoveryError
 from siterecovery.replication.engine import cycle_memory
+from siterecovery.replication.maintenance import Maintenance, MaintenanceOutcome
 from siterecovery.replication.protection import ProtectionService
 from siterecovery.replication.retry import diagnose
 from siterecovery.replication.scheduler import Action, Due, VmSchedule, decide
@@ -87,6 +88,7 @@ class Runner:
         host: str | None = None,
         parallel: int = 2,
         memory_budget: int = MEMORY_BUDGET,
+        maintenance: Maintenance | None = None,
     ) -> None:
         if parallel < 1:
             raise InputError(f"parallel must be at least 1, got {parallel}")
@@ -95,6 +97,7 @@ class Runner:
         self.host = host
         self.parallel = parallel
         self.budget = MemoryBudget(memory_budget)
+        self.maintenance = maintenance
 
     def schedule(self) -> list[tuple[ReplicatedVmRecord, Due]]:
         """Every VM of this runner with what is due for it, by VM name."""
@@ -133,6 +136,7 @@ class Runner:
         *,
         tick_s: float = 5.0,
         report: Callable[[Outcome], None] | None = None,
+        on_maintenance: Callable[[MaintenanceOutcome], None] | None = None,
     ) -> None:
         """Call :meth:`run_due` every ``tick_s`` seconds until ``stop`` is set."""
         self.resume_interrupted()
@@ -140,7 +144,16 @@ class Runner:
             for outcome in self.run_due():
                 if report is not None:
                     report(outcome)
+            for done in self.run_maintenance():
+                if on_maintenance is not None:
+                    on_maintenance(done)
             stop.wait(tick_s)
+
+    def run_maintenance(self) -> list[MaintenanceOutcome]:
+        """Prune, compact and collect garbage when due (see :mod:`.maintenance`)."""
+        if self.maintenance is None:
+            return []
+        return self.maintenance.run_due([record.vm for record, _ in self.schedule()])
 
     def resume_interrupted(self) -> list[str]:
         """VMs left *resyncing* by a stopped agent go back to *resync required* (one agent
