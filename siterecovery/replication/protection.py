@@ -97,6 +97,8 @@ HOST_LOCAL_KEYS = ("qmp", "qga")
 
 RESYNC = "resynchronize"
 RESYNC_TASKS = ("prepare resync", "compare and send blocks", "finalize resync")
+REVERSE = "reverse replication"
+REVERSE_TASKS = ("prepare reverse replication", "compare and send blocks", "finalize protection")
 
 
 class ProtectionService:
@@ -268,6 +270,43 @@ class ProtectionService:
         with self._task(run, "finalize resync", vm):
             self._record(vm, result.point, result.figures(), result.bytes_stored)
             service.transition(self.db, vm=vm, to_state=S.PROTECTED, reason="resync complete")
+        return run.finish(), result
+
+    def reverse_replicate(self, vm: str) -> tuple[JobRecord, ResyncResult]:
+        """Run the *reverse replication* job of a VM whose failback is committed.
+
+        The primary VM runs again on disks that now hold the replica's data; its old change
+        log cannot describe that, so tracking starts afresh (a new bitmap, as a resync does)
+        and every block is compared with the checksums of the newest recovery point: only
+        differences ship. The new point is recorded and the VM is *protected* again.
+        """
+        self._require_state(vm, {S.COMMITTED_BACK}, "start reverse replication")
+        record = service.get_vm(self.db, name=vm)
+        job = jobs.create_job(self.db, kind=REVERSE, vm=vm, tasks=REVERSE_TASKS)
+        run = JobRun(self.db, job.id, on_change=self.on_job)
+        with self._task(run, "prepare reverse replication", vm) as task:
+            protection = service.get_protection(self.db, vm=vm)
+            relationship = protection.relationship_id.replace("-", "")
+            previous = self._previous_point(vm)
+            service.transition(
+                self.db, vm=vm, to_state=S.REVERSE_REPLICATING, reason="failback committed"
+            )
+            task.progress(100, {"compare_with": previous.point_id if previous else None})
+        with self._task(run, "compare and send blocks", vm) as task:
+            store = self._store_for(service.get_policy(self.db, name=protection.policy))
+            with self._open_tracker(record, relationship, resync=True) as tracker:
+                record = self._refresh_disks(record, tracker)
+                resyncer = Resyncer(
+                    tracker, store, vm,
+                    vm_config=replica_config(record.config), progress=self.progress,
+                )  # fmt: skip
+                result = resyncer.run(previous)
+            task.progress(100, result.figures())
+        with self._task(run, "finalize protection", vm):
+            self._record(vm, result.point, result.figures(), result.bytes_stored)
+            service.transition(
+                self.db, vm=vm, to_state=S.PROTECTED, reason="reverse replication complete"
+            )
         return run.finish(), result
 
     def _enter_resync_required(self, vm: str, reason: str) -> None:
