@@ -17,6 +17,7 @@ import typer
 from siterecovery import __version__
 from siterecovery.cli import failover_cmd, output
 from siterecovery.cli.context import Env
+from siterecovery.cli.failback_cmd import register_failback_commands
 from siterecovery.cli.resync_cmd import register_resync_commands
 from siterecovery.cli.service_cmd import register_service_commands, replace_resync
 from siterecovery.cli.store_cmd import store_app_factory
@@ -441,6 +442,7 @@ app.add_typer(failover_cmd.failover_app_factory(failover_cmd.current_env), name=
 
 
 register_resync_commands(app, _env)
+register_failback_commands(app, _env)
 register_service_commands(app, _env)
 replace_resync(app, _env)
 
