@@ -37,7 +37,7 @@ from typing import Any
 import blake3
 
 from siterecovery.domain import ReplicationState
-from siterecovery.errors import HypervisorError, InputError
+from siterecovery.errors import HypervisorError, InputError, SiteRecoveryError
 from siterecovery.hypervisor.nbd import NbdClient
 from siterecovery.hypervisor.process import (
     DriveSpec,
@@ -137,6 +137,10 @@ class FailbackService:
                            reason=f"failback ({method}) started")  # fmt: skip
         try:
             return self._run(run, vm, method, record, primary)
+        except SiteRecoveryError as exc:
+            self._undo(vm, record)
+            raise FailoverError(f"failback of VM {vm} failed: {exc.message}",
+                                hint=RETRY_HINT) from exc  # fmt: skip
         except BaseException:
             self._undo(vm, record)
             raise

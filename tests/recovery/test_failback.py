@@ -13,11 +13,14 @@ import pytest
 
 from siterecovery.domain import ReplicationState
 from siterecovery.errors import InputError
+from siterecovery.hypervisor.errors import ProcessError
 from siterecovery.hypervisor.process import QemuProcess, qmp_execute
+from siterecovery.recovery import instant
+from siterecovery.recovery.errors import FailoverError
 from siterecovery.recovery.failback import FailbackMethod, FailbackService
 from siterecovery.recovery.failover import FailoverOptions
 from siterecovery.recovery.replica import RecoveryMode
-from siterecovery.vault import points, service
+from siterecovery.vault import jobs, points, service
 from siterecovery.vault.records import JobRecord
 
 from .conftest import Site
@@ -116,6 +119,44 @@ def test_failback_minimize_downtime_then_reverse_replication(
         dest = site.root / f"restored-{disk}.raw"
         site.store.restore_disk(result.point, disk, dest)
         assert _identical(dest, workdir / f"{disk}.qcow2"), disk
+
+
+def test_failed_failback_keeps_the_replica_then_full_download(
+    site: Site, protected_vm: Callable[..., QemuProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    primary = protected_vm("vm-ff", paused=True)
+    primary.kill()
+    site.failover.unplanned("vm-ff", options=FailoverOptions(mode=RecoveryMode.FULL))
+    site.failover.commit("vm-ff")
+    record = site.failover.replica("vm-ff")
+    assert record is not None
+    _write(Path(record.qmp), "data", 0x42, "4M", "1M")
+    fb = FailbackService(site.db, site.failover)
+
+    def broken(_: object) -> QemuProcess:
+        raise ProcessError("VM vm-ff did not start: no such machine")
+
+    monkeypatch.setattr(fb, "_start_primary", broken)
+    with pytest.raises(FailoverError, match="failback of VM vm-ff failed") as raised:
+        fb.failback("vm-ff", FailbackMethod.MINIMIZE_DOWNTIME)
+    assert "runs again" in raised.value.hint
+    # the replica is the VM again: committed, running (resumed after its pause)
+    assert _state(site, "vm-ff") == S.COMMITTED
+    assert qmp_execute(Path(record.qmp), "query-status")["status"] == "running"
+    failed = jobs.list_jobs(site.db, vm="vm-ff", limit=1)[0]
+    assert failed.kind == "failback" and failed.state == "failed"
+    assert failed.task("start primary VM").state == "failed"
+
+    monkeypatch.undo()
+    outcome = fb.failback("vm-ff", FailbackMethod.FULL_DOWNLOAD)
+    site.primaries["vm-ff-back"] = outcome.primary
+    assert outcome.first_pass == [] and outcome.figures["final_pass"]["blocks_copied"] == BLOCKS
+    assert _state(site, "vm-ff") == S.FAILED_BACK and not instant.pid_alive(record.pid)
+    outcome.primary.stop()
+    workdir = site.root / "primary" / "vm-ff"
+    for disk in DISKS:
+        replica = Path(record.workdir) / record.point_id / f"{disk}.qcow2"
+        assert _identical(replica, workdir / f"{disk}.qcow2"), disk
 
 
 def test_failback_refusals_change_nothing(
