@@ -159,6 +159,29 @@ def test_failed_failback_keeps_the_replica_then_full_download(
         assert _identical(replica, workdir / f"{disk}.qcow2"), disk
 
 
+def test_failback_from_an_instant_replica(
+    site: Site, protected_vm: Callable[..., QemuProcess]
+) -> None:
+    primary = protected_vm("vm-fi", paused=True)
+    primary.kill()
+    site.failover.unplanned("vm-fi")  # instant: served by the store, hydrating after commit
+    site.failover.commit("vm-fi")
+    record = site.failover.replica("vm-fi")
+    assert record is not None and record.mode == "instant" and record.hydrating
+    _write(Path(record.qmp), "data", 0x24, "12M", "256k")
+    outcome = FailbackService(site.db, site.failover).failback(
+        "vm-fi", FailbackMethod.MINIMIZE_DOWNTIME
+    )
+    site.primaries["vm-fi-back"] = outcome.primary
+    assert outcome.figures["first_pass"]["blocks_copied"] == 4
+    assert not instant.pid_alive(record.server_pid)  # the store's NBD server is gone too
+    outcome.primary.stop()
+    workdir = site.root / "primary" / "vm-fi"
+    for disk in DISKS:
+        overlay = Path(record.workdir) / f"{disk}.overlay.qcow2"
+        assert _identical(overlay, workdir / f"{disk}.qcow2"), disk
+
+
 def test_failback_refusals_change_nothing(
     site: Site, protected_vm: Callable[..., QemuProcess]
 ) -> None:
