@@ -16,7 +16,7 @@ import typer
 
 from siterecovery import __version__
 from siterecovery.cli import failover_cmd, output
-from siterecovery.cli.context import Env
+from siterecovery.cli.context import Env, current_env
 from siterecovery.cli.failback_cmd import register_failback_commands
 from siterecovery.cli.resync_cmd import register_resync_commands
 from siterecovery.cli.service_cmd import register_service_commands, replace_resync
@@ -51,21 +51,11 @@ WorkdirOption = Annotated[
 ]  # fmt: skip
 
 
-_current: list[Env] = []  # the Env of the running invocation, for sub-apps built by factories
-
-
 def _env(ctx: typer.Context) -> Env:
     env = ctx.obj
     if not isinstance(env, Env):
         raise InputError("internal: no settings")
     return env
-
-
-def current_env() -> Env:
-    """The Env of the command being run (set by the root callback)."""
-    if not _current:
-        raise InputError("internal: no command is running")
-    return _current[-1]
 
 
 def _show_version(value: bool) -> None:
@@ -103,7 +93,6 @@ def _root(
 ) -> None:
     env = Env(Settings.load(workdir), vault_url=vault, ca_file=ca)
     ctx.obj = env
-    _current.append(env)
     ctx.call_on_close(env.close)
 
 
@@ -438,7 +427,7 @@ def restore(
         output.out.print(f"{name}: {path}")
 
 
-app.add_typer(failover_cmd.failover_app_factory(failover_cmd.current_env), name="failover")
+app.add_typer(failover_cmd.failover_app_factory(current_env), name="failover")
 
 
 register_resync_commands(app, _env)

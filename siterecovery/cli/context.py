@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from siterecovery.errors import NotFoundError
+from typer._click.globals import get_current_context  # typer 0.29 vendors click
+
+from siterecovery.errors import InputError, NotFoundError
 from siterecovery.settings import Settings
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.vault.db import Database, open_database
@@ -69,3 +71,14 @@ class Env:
             self._vault.close()
         if self._db is not None:
             self._db.close()
+
+
+def current_env() -> Env:
+    """The :class:`Env` the root command stored in the running command's context.
+
+    For sub-apps built by factories, which are created before any command runs.
+    """
+    env = get_current_context().find_object(Env)
+    if env is None:
+        raise InputError("internal: no settings")
+    return env

@@ -21,11 +21,10 @@ from typing import Annotated, Any
 
 import typer
 from typer._click.core import Context as ClickContext  # typer 0.29 vendors click
-from typer._click.globals import get_current_context
 from typer.core import TyperGroup
 
 from siterecovery.cli import output
-from siterecovery.cli.context import Env
+from siterecovery.cli.context import Env, current_env
 from siterecovery.errors import InputError, SiteRecoveryError
 
 
@@ -37,13 +36,6 @@ class _DefaultRunGroup(TyperGroup):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
-
-def current_env() -> Env:
-    """The :class:`Env` the root command stored in the running command's context."""
-    env = get_current_context().find_object(Env)
-    if env is None:
-        raise InputError("internal: no settings")
-    return env
 
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
