@@ -38,12 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from siterecovery.agent.embedded import EmbeddedAgent
 from siterecovery.hypervisor.guest import GuestImage, build_guest, guest_cmdline, make_disk
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec
 from siterecovery.recovery import instant
 from siterecovery.recovery.failover import FailoverOptions, FailoverService
 from siterecovery.recovery.replica import RecoveryHost, RecoveryMode
-from siterecovery.replication.protection import ProtectionService
 from siterecovery.store.keys import StoreKeys
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.vault import service
@@ -99,7 +99,7 @@ def build_site(root: Path, guest_cache: Path, disks: dict[str, Path]) -> None:
         service.ensure_site(db, name="primary", role=SiteRole.PRIMARY)
         service.ensure_host(db, name="bench-host", site="primary")
         service.create_policy(db, name=POLICY, copy_frequency_s=300, retention_h=24)
-        protection = ProtectionService(db, store, root / "run")
+        protection = EmbeddedAgent(db, store, root / "run")
         for vm, data in disks.items():
             primary, config = _primary(root, guest, vm, data)
             try:

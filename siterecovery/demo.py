@@ -45,6 +45,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from siterecovery.agent.embedded import EmbeddedAgent
 from siterecovery.domain import ReplicationState
 from siterecovery.hypervisor.guest import (
     RECORD_SIZE,
@@ -57,7 +58,6 @@ from siterecovery.hypervisor.guest import (
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec, probe_accel
 from siterecovery.recovery.failover import FailoverService
 from siterecovery.replication.engine import CycleResult
-from siterecovery.replication.protection import ProtectionService
 from siterecovery.settings import Settings
 from siterecovery.store.keys import StoreKeys
 from siterecovery.store.manifest import PointManifest
@@ -153,7 +153,7 @@ class Demo:
         self.stack.callback(db.close)
         store = self._init_store()
         primary = self._start_primary(accel)
-        protection = ProtectionService(
+        protection = EmbeddedAgent(
             db, store, self.settings.run_dir, on_job=self._show_job_change, progress=None
         )
         self._register(db, protection, primary)
@@ -243,7 +243,7 @@ class Demo:
         self._vm_boot = {"kernel": str(guest.kernel), "initrd": str(guest.initrd)}
         return vm
 
-    def _register(self, db: Database, protection: ProtectionService, vm: QemuProcess) -> None:
+    def _register(self, db: Database, protection: EmbeddedAgent, vm: QemuProcess) -> None:
         service.ensure_site(db, name="primary-site", role=SiteRole.PRIMARY)
         service.ensure_site(db, name="recovery-site", role=SiteRole.RECOVERY)
         service.ensure_host(db, name="primary-host", site="primary-site")
@@ -259,7 +259,7 @@ class Demo:
             f"(the demo runs its cycles every {self.opts.interval_s:g} s to finish quickly)"
         )
 
-    def _enable_protection(self, protection: ProtectionService) -> CycleResult:
+    def _enable_protection(self, protection: EmbeddedAgent) -> CycleResult:
         self.console.rule("enable protection")
         with self._progress("initial replication") as callback:
             protection.progress = callback
@@ -272,7 +272,7 @@ class Demo:
         )
         return initial
 
-    def _replicate(self, protection: ProtectionService, vm: QemuProcess) -> None:
+    def _replicate(self, protection: EmbeddedAgent, vm: QemuProcess) -> None:
         self.console.rule("delta replication")
         table = Table("cycle", "point", "time", "read", "shipped", "records acked")
         for n in range(1, self.opts.cycles + 1):

@@ -72,6 +72,23 @@ class JobState(enum.StrEnum):
     SKIPPED = "skipped"
 
 
+class JobKind(enum.StrEnum):
+    """The kinds of job (DESIGN §4): each is one operation, with its named tasks."""
+
+    ENABLE_PROTECTION = "enable protection"
+    DISABLE_PROTECTION = "disable protection"
+    RESYNC = "resynchronize"
+    REVERSE_REPLICATION = "reverse replication"
+    TEST_FAILOVER = "test failover"
+    PLANNED_FAILOVER = "planned failover"
+    UNPLANNED_FAILOVER = "unplanned failover"
+    FAILOVER_CLEANUP = "test failover cleanup"
+    CHANGE_POINT = "change recovery point"
+    COMMIT_FAILOVER = "commit failover"
+    FAILBACK = "failback"
+    COMMIT_FAILBACK = "commit failback"
+
+
 class FailoverKind(enum.StrEnum):
     """The kinds of failover (DESIGN §5)."""
 

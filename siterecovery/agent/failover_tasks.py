@@ -26,19 +26,17 @@ Replica VMs outlive the agent process (their records hold the pids, as with the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from siterecovery.agent.tasks import Claimed, RemoteJob
-from siterecovery.api.client import VaultClient
-from siterecovery.domain import ReplicationState
+from siterecovery.domain import Consistency, ReplicationState
 from siterecovery.errors import HypervisorError, InputError, SiteRecoveryError
 from siterecovery.hypervisor.process import QemuProcess, qmp_execute
 from siterecovery.recovery import instant, network
 from siterecovery.recovery.errors import FailoverError
-from siterecovery.recovery.network import MappingRecord, NetworkRecord
 from siterecovery.recovery.replica import (
     RecoveryHost,
     RecoveryMode,
@@ -53,8 +51,11 @@ from siterecovery.recovery.replica import (
     stop_replica,
     verify_point,
 )
+from siterecovery.replication.jobrun import JobDriver, TaskHandle
 from siterecovery.store.manifest import PointManifest
 from siterecovery.store.repository import ReplicaStore
+from siterecovery.vault.port import VaultPort
+from siterecovery.vault.work import WorkItem
 
 log = logging.getLogger("siterecovery.agent")
 S = ReplicationState
@@ -67,28 +68,25 @@ class RecoveryWork:
     """Runs failover jobs on this recovery host; replicas live under ``recovery_dir``."""
 
     def __init__(
-        self, client: VaultClient, store: ReplicaStore, recovery_dir: Path, *,
-        key_file: Path, session: str, accel: str = "tcg", host: RecoveryHost | None = None,
+        self, vault: VaultPort, store: ReplicaStore, recovery_dir: Path, *,
+        key_file: Path | None, accel: str = "tcg", host: RecoveryHost | None = None,
     ) -> None:  # fmt: skip
-        self.client = client
+        self.vault = vault
         self.store = store
         self.recovery_dir = recovery_dir
         self.key_file = key_file
-        self.session = session
         self.accel = accel
         self.host = host or RecoveryHost.detect()
         self._processes: dict[tuple[str, str], QemuProcess] = {}
 
     # -- failover ------------------------------------------------------------------------
 
-    def failover(self, item: Claimed) -> None:
+    def failover(self, item: WorkItem, job: JobDriver) -> None:
         """A test, unplanned, or (recovery phase of a) planned failover of ``item.vm``."""
-        assert item.job_id is not None
-        job = RemoteJob(self.client, item.job_id, self.session)
         kind = str(item.details.get("failover", "unplanned"))
         if kind == "planned":
             return self._planned(item, job)
-        job.run("check prerequisites", lambda: self._prerequisites(item.vm, kind))
+        job.run("check prerequisites", lambda _: self._prerequisites(item.vm, kind))
         point = self._checked(job, item, kind, str(item.details.get("point") or "latest"))
         target = S.TEST_FAILOVER_RUNNING if kind == "test" else S.FAILING_OVER
         self._move(item.vm, target, f"{kind} failover started")
@@ -100,7 +98,7 @@ class RecoveryWork:
             raise
         job.finish()
 
-    def _planned(self, item: Claimed, job: RemoteJob) -> None:
+    def _planned(self, item: WorkItem, job: JobDriver) -> None:
         failed: list[str] = []
         try:
             point = self._checked(job, item, "planned", str(item.details["final_point"]),
@@ -116,13 +114,14 @@ class RecoveryWork:
         job.hand_off("source-finish", {"replica": "running"})
 
     def _checked(
-        self, job: RemoteJob, item: Claimed, kind: str, wanted: str, failed: list[str] | None = None
-    ) -> PointManifest:
+        self, job: JobDriver, item: WorkItem, kind: str, wanted: str,
+        failed: list[str] | None = None,
+    ) -> PointManifest:  # fmt: skip
         chosen: list[PointManifest] = []
 
         mode = self._mode(dict(item.details.get("options") or {}))
 
-        def select() -> dict[str, Any]:
+        def select(_: TaskHandle) -> dict[str, Any]:
             chosen.append(self._select(item.vm, wanted, kind, mode))
             return {"point": chosen[0].point_id, "consistency": str(chosen[0].consistency)}
 
@@ -131,7 +130,7 @@ class RecoveryWork:
         return chosen[0] if chosen else self._select(item.vm, wanted, kind, mode)
 
     def _start(
-        self, job: RemoteJob, item: Claimed, kind: str, point: PointManifest,
+        self, job: JobDriver, item: WorkItem, kind: str, point: PointManifest,
         failed: list[str] | None = None,
     ) -> None:  # fmt: skip
         started = time.monotonic()
@@ -141,7 +140,8 @@ class RecoveryWork:
         remove_slot(workdir)
         workdir.mkdir(parents=True)
         forwards = [network.PortForward.parse(f) for f in opts.get("expose", [])]
-        nics = network.plan_nics(item.vm, point.vm_config, self._mappings(), test=kind == "test")
+        nics = network.plan_nics(item.vm, point.vm_config, self.vault.network_mappings(),
+                                 test=kind == "test")  # fmt: skip
         if forwards and not nics:
             raise FailoverError(f"VM {item.vm} has no NIC: no port can be exposed")
         req = StartRequest(item.vm, slot, kind, point, self._mode(opts), workdir,
@@ -149,12 +149,16 @@ class RecoveryWork:
                            list(opts.get("expose", [])))  # fmt: skip
         made: dict[str, Any] = {}
 
-        def prepare() -> dict[str, Any]:
-            made["disks"] = prepare_disks(self.store, self.key_file, req, None)
+        def prepare(_: TaskHandle) -> dict[str, Any]:
+            if req.mode == RecoveryMode.INSTANT and self.key_file is None:
+                raise InputError("instant recovery needs the store's key file on this host",
+                                 hint="choose --mode full, or give the agent the key file")
+            made["disks"] = prepare_disks(self.store, self.key_file or Path("/nonexistent"),
+                                          req, None)  # a full restore never reads the key
             return {"mode": str(req.mode), "nbd_server_pid": made["disks"][2],
                     "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
 
-        def start() -> dict[str, Any]:
+        def start(_: TaskHandle) -> dict[str, Any]:
             return self._boot(req, made["disks"], nics, started)
 
         job.run("prepare disks", prepare, fail=failed is None, failed=failed)
@@ -202,36 +206,34 @@ class RecoveryWork:
 
     # -- follow-ups ----------------------------------------------------------------------
 
-    def cleanup(self, item: Claimed) -> None:
+    def cleanup(self, item: WorkItem, job: JobDriver) -> None:
         """End the drill: stop its replica, remove its files, back to protected."""
-        job = self._job(item)
         workdir = self._slot_dir(item.vm, TEST_SLOT)
 
-        def stop() -> dict[str, Any]:
+        def stop(_: TaskHandle) -> dict[str, Any]:
             record = ReplicaRecord.load(workdir)
             if record is not None:
                 stop_replica(record, self._processes.pop((item.vm, TEST_SLOT), None))
             return {"stopped": record is not None}
 
-        def remove() -> dict[str, Any]:
+        def remove(_: TaskHandle) -> dict[str, Any]:
             remove_slot(workdir)
             self._move(item.vm, S.PROTECTED, "drill cleaned up")
             return {"removed": str(workdir)}
 
         self._run_all(job, [("stop replica VM", stop), ("remove drill data", remove)])
 
-    def change_point(self, item: Claimed) -> None:
+    def change_point(self, item: WorkItem, job: JobDriver) -> None:
         """Restart the failed-over VM from ``details["point"]`` (before commit)."""
-        job = self._job(item)
         record = self._replica(item.vm)
         chosen: list[PointManifest] = []
 
-        def select() -> dict[str, Any]:
+        def select(_: TaskHandle) -> dict[str, Any]:
             wanted = str(item.details["point"])
             chosen.append(self._select(item.vm, wanted, record.kind, RecoveryMode(record.mode)))
             return {"point": chosen[0].point_id}
 
-        def stop() -> dict[str, Any]:
+        def stop(_: TaskHandle) -> dict[str, Any]:
             stop_replica(record, self._processes.pop((item.vm, FAILOVER_SLOT), None))
             remove_slot(Path(record.workdir))
             return {"stopped": record.point_id}
@@ -239,8 +241,7 @@ class RecoveryWork:
         self._run_all(job, [("select recovery point", select), ("stop replica VM", stop)],
                       finish=False)  # fmt: skip
         options = {"mode": record.mode, "expose": record.forwards, "append": record.append}
-        moved = Claimed(item.kind, item.vm, item.relationship_id, item.job_id, item.resumed,
-                        {**item.details, "options": options})  # fmt: skip
+        moved = dataclasses.replace(item, details={**item.details, "options": options})
         try:
             self._start(job, moved, record.kind, chosen[0])
         except SiteRecoveryError:
@@ -248,12 +249,11 @@ class RecoveryWork:
             raise
         job.finish()
 
-    def commit(self, item: Claimed) -> None:
+    def commit(self, item: WorkItem, job: JobDriver) -> None:
         """Commit the failover: the point can no longer change; hydration goes on."""
-        job = self._job(item)
         record = self._replica(item.vm)
 
-        def check() -> dict[str, Any]:
+        def check(_: TaskHandle) -> dict[str, Any]:
             if not instant.pid_alive(record.pid):
                 raise FailoverError(
                     f"the replica VM of {item.vm} is not running",
@@ -264,7 +264,7 @@ class RecoveryWork:
                 record.hydrating = True
             return {"point": record.point_id, "pid": record.pid}
 
-        def commit() -> dict[str, Any]:
+        def commit(_: TaskHandle) -> dict[str, Any]:
             self._move(item.vm, S.COMMITTED, f"failover committed at point {record.point_id}")
             record.committed = True
             record.save()
@@ -274,7 +274,7 @@ class RecoveryWork:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _run_all(self, job: RemoteJob, steps: list[Any], *, finish: bool = True) -> None:
+    def _run_all(self, job: JobDriver, steps: list[Any], *, finish: bool = True) -> None:
         try:
             for name, body in steps:
                 job.run(name, body)
@@ -284,10 +284,6 @@ class RecoveryWork:
         if finish:
             job.finish()
 
-    def _job(self, item: Claimed) -> RemoteJob:
-        assert item.job_id is not None
-        return RemoteJob(self.client, item.job_id, self.session)
-
     def _prerequisites(self, vm: str, kind: str) -> dict[str, Any]:
         state = self._state(vm)
         if state not in _FROM[kind]:
@@ -296,14 +292,14 @@ class RecoveryWork:
         return {"state_before": str(state), "recovery_dir": str(self.recovery_dir)}
 
     def _select(self, vm: str, wanted: str, kind: str, mode: RecoveryMode) -> PointManifest:
-        records = self.client.get(f"/v1/agent/vms/{vm}/points")
+        records = self.vault.points(vm)
         if wanted in ("latest", "latest-app"):
             if wanted == "latest-app":
-                records = [p for p in records if p["consistency"] == "app"]
+                records = [p for p in records if p.consistency == Consistency.APP]
             if not records:
                 raise FailoverError(f"VM {vm} has no recovery point to fail over to")
-            wanted = records[-1]["point_id"]
-        elif wanted not in {p["point_id"] for p in records}:
+            wanted = records[-1].point_id
+        elif wanted not in {p.point_id for p in records}:
             raise InputError(f"VM {vm} has no recovery point {wanted!r}",
                              hint="choose one from `siterecovery points VM`")  # fmt: skip
         point = self.store.load_point(vm, wanted)
@@ -314,25 +310,22 @@ class RecoveryWork:
                 f"recovery point {point.point_id} of VM {vm} failed verification: {exc}",
                 hint="choose another point, and run `siterecovery store verify`",
             ) from exc
-        network.plan_nics(vm, point.vm_config, self._mappings(), test=kind == "test")
+        network.plan_nics(vm, point.vm_config, self.vault.network_mappings(), test=kind == "test")
         memory = int(point.vm_config.get("memory_mib", 256))
         check_room(self.host, self.recovery_dir, memory, disk_need(self.store, point, mode), vm)
         return point
 
-    def _mappings(self) -> list[MappingRecord]:
-        return [MappingRecord(m["source_network"], NetworkRecord(**m["recovery_network"]),
-                              NetworkRecord(**m["test_network"]))
-                for m in self.client.get("/v1/agent/network-mappings")]  # fmt: skip
-
     def _mode(self, opts: dict[str, Any]) -> RecoveryMode:
-        return RecoveryMode(opts.get("mode") or RecoveryMode.INSTANT)
+        """The mode asked for; by default instant recovery when the store's key file is
+        known here (the store's NBD server needs it), else a full restore."""
+        default = RecoveryMode.INSTANT if self.key_file is not None else RecoveryMode.FULL
+        return RecoveryMode(opts.get("mode") or default)
 
     def _state(self, vm: str) -> S:
-        return S(self.client.get(f"/v1/agent/vms/{vm}/protection")["state"])
+        return self.vault.protection(vm).state
 
     def _move(self, vm: str, state: S, reason: str) -> None:
-        self.client.post(f"/v1/agent/vms/{vm}/transition",
-                         {"to_state": state.value, "reason": reason})  # fmt: skip
+        self.vault.transition(vm, state, reason)
 
     def _replica(self, vm: str) -> ReplicaRecord:
         record = ReplicaRecord.load(self._slot_dir(vm, FAILOVER_SLOT))
@@ -347,12 +340,12 @@ class RecoveryWork:
 # ---- the source side of a planned failover -------------------------------------------------
 
 
-def source_phase(job: RemoteJob, item: Claimed, qmp: Path, final_cycle: Any) -> None:
+def source_phase(job: JobDriver, item: WorkItem, qmp: Path, final_cycle: Any) -> None:
     """Phase ``source``: pause the VM, ship the final cycle (``final_cycle()`` returns the
     recorded point id), hand off to the recovery site. The source is resumed on failure."""
     paused = False
 
-    def pause() -> dict[str, Any]:
+    def pause(_: TaskHandle) -> dict[str, Any]:
         nonlocal paused
         _qmp(qmp, "stop", f"pause the source VM {item.vm}")
         paused = True
@@ -360,19 +353,19 @@ def source_phase(job: RemoteJob, item: Claimed, qmp: Path, final_cycle: Any) -> 
 
     try:
         job.run("check prerequisites",
-                lambda: {"source_qmp": str(qmp), **_status(qmp, item.vm)})  # fmt: skip
+                lambda _: {"source_qmp": str(qmp), **_status(qmp, item.vm)})  # fmt: skip
         job.run("shut down source VM", pause)
-        point: list[str] = []
-        job.run("replicate final changes", lambda: {"point": _append(point, final_cycle())})
+        # Resumed after the final cycle was shipped: its point is in the task's details.
+        done = job.run("replicate final changes", lambda _: {"point": final_cycle()})
     except SiteRecoveryError:
         if paused:
             _resume(qmp)
         job.release()
         raise
-    job.hand_off("recovery", {"final_point": point[0]})
+    job.hand_off("recovery", {"final_point": str(done["point"])})
 
 
-def source_finish(job: RemoteJob, item: Claimed, qmp: Path) -> None:
+def source_finish(job: JobDriver, item: WorkItem, qmp: Path) -> None:
     """Phase ``source-finish``: quit the source when the replica runs; else resume it and
     fail the job with the recovery host's error."""
     error = item.details.get("replica_error")
@@ -383,18 +376,13 @@ def source_finish(job: RemoteJob, item: Claimed, qmp: Path) -> None:
         job.release()
         return
 
-    def release() -> dict[str, Any]:
+    def release(_: TaskHandle) -> dict[str, Any]:
         with contextlib.suppress(HypervisorError):  # already gone: nothing left to stop
             qmp_execute(qmp, "quit")
         return {"source": "stopped"}
 
     job.run("release source VM", release)
     job.finish()
-
-
-def _append(values: list[str], value: str) -> str:
-    values.append(value)
-    return value
 
 
 def _status(qmp: Path, vm: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ driver sees (each QMP socket matching the configured globs is a VM named after t
 file name without extension: ``/run/qemu/web1.qmp`` → ``web1``); claim as much due work as
 there are free workers and run it in a bounded thread pool. A VM is never run twice at once
 (the vault's lease, and the agent's own in-flight set). An agent stopped mid-work leaves its
-leases to the next agent process of the host, which resumes them (see ``tasks``).
+leases to the next agent process of the host, which resumes them (see ``worker``).
 """
 
 from __future__ import annotations
@@ -14,19 +14,23 @@ import glob
 import logging
 import socket
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from siterecovery.agent.config import AgentConfig, KeyFile
-from siterecovery.agent.tasks import Claimed, WorkRunner
+from siterecovery.agent.worker import Worker
 from siterecovery.api.client import VaultClient
+from siterecovery.api.port import RemoteVaultPort
 from siterecovery.domain import NAME_RE, validate_name
 from siterecovery.errors import InputError, SiteRecoveryError
-from siterecovery.hypervisor.tracking import discover_disks
+from siterecovery.replication.protection import discovered_vm
 from siterecovery.store.keys import StoreKeys
 from siterecovery.store.repository import ReplicaStore
+from siterecovery.vault.port import DiscoveredVm, Discovery, VaultPort
+from siterecovery.vault.work import WorkItem
 
 log = logging.getLogger("siterecovery.agent")
 
@@ -59,60 +63,38 @@ def register(
     return config
 
 
-def discover(globs: list[str]) -> list[dict[str, Any]]:
-    """The VMs behind the QMP sockets matching ``globs``, as the vault's discovery payload.
+def discover(globs: list[str]) -> list[DiscoveredVm]:
+    """The VMs behind the QMP sockets matching ``globs``, for the vault's discovery report.
 
     A socket that does not answer QMP is skipped (logged): a VM that is shutting down.
     """
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, DiscoveredVm] = {}
     for pattern in globs:
         for path in sorted(glob.glob(pattern)):
             name = Path(path).stem
             if not NAME_RE.match(name) or name in found:
                 continue
             try:
-                disks = discover_disks(Path(path))
+                found[name] = discovered_vm(name, Path(path).resolve(), {})
             except SiteRecoveryError as exc:
                 log.info("skipping %s: %s", path, exc)
-                continue
-            found[name] = _vm_payload(name, Path(path), disks)
     return list(found.values())
-
-
-def _vm_payload(name: str, qmp: Path, disks: list[Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "config": {
-            "qmp": str(qmp.resolve()),
-            "disks": [{"name": d.name, "size": d.size, "fmt": d.fmt} for d in disks],
-        },
-        "disks": [
-            {"name": d.name, "size": d.size, "node_name": d.node, "path": d.filename,
-             "fmt": d.fmt if d.fmt in ("qcow2", "raw") else "raw"}
-            for d in disks
-        ],
-    }  # fmt: skip
 
 
 class Agent:
     """One host's agent: heartbeats, discovery, claims, and a pool running the work."""
 
-    def __init__(self, config: AgentConfig, client: VaultClient, store: ReplicaStore,
+    def __init__(self, config: AgentConfig, vault: VaultPort, store: ReplicaStore,
                  run_dir: Path) -> None:  # fmt: skip
-        from siterecovery.agent.failover_tasks import RecoveryWork
-
         self.config = config
-        self.client = client
-        self.session = str(uuid.uuid4())
-        # Any host can be given failover work: the vault gives it only to recovery hosts.
-        recovery = RecoveryWork(client, store, run_dir.parent / "recovery",
-                                key_file=Path(config.store_key_file), session=self.session,
-                                accel=config.accel)  # fmt: skip
-        self.runner = WorkRunner(client, store, run_dir, self.session, config.lease_s,
-                                 recovery=recovery)  # fmt: skip
+        self.vault = vault
+        self.worker = Worker(vault, store, run_dir, lease_s=config.lease_s,
+                             key_file=Path(config.store_key_file),
+                             recovery_dir=run_dir.parent / "recovery", accel=config.accel)
         self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="work")
         self.in_flight: dict[str, Future[None]] = {}
         self._last_discovery = float("-inf")
+        self._close: list[Any] = []
 
     @classmethod
     def open(cls, workdir: Path) -> Agent:
@@ -122,7 +104,14 @@ class Agent:
                              retry_for_s=600)  # fmt: skip
         keys = StoreKeys.load(Path(config.store_key_file))
         store = ReplicaStore.open(config.store_url, keys)
-        return cls(config, client, store, workdir / "run")
+        port = RemoteVaultPort(client, host=config.host, session=str(uuid.uuid4()))
+        agent = cls(config, port, store, workdir / "run")
+        agent._close.append(client)
+        return agent
+
+    @property
+    def session(self) -> str:
+        return self.vault.session
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; then wait for running work to end."""
@@ -136,14 +125,13 @@ class Agent:
                 stop.wait(self.config.poll_s)
         finally:
             self.pool.shutdown(wait=True)
-            self.client.close()
+            for closable in self._close:
+                closable.close()
 
-    def step(self, now: float | None = None) -> list[Claimed]:
+    def step(self, now: float | None = None) -> list[WorkItem]:
         """One round: heartbeat, discovery when due, claim and start work. Returns the claims."""
-        import time
-
         at = time.monotonic() if now is None else now
-        self.client.post("/v1/agent/heartbeat", {"session": self.session})
+        self.vault.heartbeat()
         if at - self._last_discovery >= self.config.discover_every_s:
             self.report_vms()
             self._last_discovery = at
@@ -151,18 +139,16 @@ class Agent:
         free = self.config.workers - len(self.in_flight)
         if free <= 0:
             return []
-        body = {"session": self.session, "limit": free, "lease_s": self.config.lease_s}
-        claimed = [Claimed.of(doc) for doc in self.client.post("/v1/agent/claims", body)]
+        claimed = self.vault.claim(limit=free, lease_s=self.config.lease_s)
         for item in claimed:
             if item.vm not in self.in_flight:
-                self.in_flight[item.vm] = self.pool.submit(self.runner.run, item)
+                self.in_flight[item.vm] = self.pool.submit(self.worker.run, item)
         return claimed
 
-    def report_vms(self) -> dict[str, Any]:
+    def report_vms(self) -> Discovery:
         """Tell the vault which VMs this host runs."""
-        vms = discover(self.config.qmp_globs)
-        result: dict[str, Any] = self.client.put("/v1/agent/vms", {"vms": vms})
-        for vm, why in result.get("refused", {}).items():
+        result = self.vault.report_vms(discover(self.config.qmp_globs))
+        for vm, why in result.refused.items():
             log.warning("vault refused VM %s: %s", vm, why)
         return result
 

@@ -25,12 +25,13 @@ from siterecovery.api.schemas import (
     TransitionRequest,
 )
 from siterecovery.domain import DiskSpec
-from siterecovery.errors import InputError, SiteRecoveryError
-from siterecovery.recovery import network
-from siterecovery.recovery.network import MappingRecord
-from siterecovery.vault import access, jobs, operations, points, service, work
+from siterecovery.errors import InputError
+from siterecovery.policies.states import ErrorClass
+from siterecovery.vault import access, jobs, networks, operations, points, port, service, work
 from siterecovery.vault.access import PermissionDenied
 from siterecovery.vault.db import Database
+from siterecovery.vault.networks import MappingRecord
+from siterecovery.vault.port import DiscoveredVm, FailureReport, PointReport
 from siterecovery.vault.records import JobRecord, PointRecord, ReplicatedVmRecord, VmRecord
 from siterecovery.vault.work import WorkItem
 
@@ -61,7 +62,6 @@ class LeaseState(BaseModel):
 
 
 class CycleRecorded(BaseModel):
-    point: PointRecord | None
     protection: ReplicatedVmRecord
 
 
@@ -87,18 +87,14 @@ def heartbeat(
 @router.put("/vms", response_model=Discovered)
 def report_vms(body: DiscoveryReport, db: Database = DB, host: str = AGENT) -> Discovered:
     """Record the VMs the host's hypervisor driver sees; a VM owned elsewhere is refused."""
-    registered, refused = [], {}
-    for vm in body.vms:
-        disks = [DiskSpec(d.name, d.size, node_name=d.node_name, path=d.path, fmt=d.fmt)
-                 for d in vm.disks]  # fmt: skip
-        try:
-            service.upsert_vm(db, host=host, name=vm.name, config=vm.config, disks=disks)
-            registered.append(vm.name)
-        except SiteRecoveryError as exc:
-            if not isinstance(exc, InputError) and exc.recoverable:
-                raise
-            refused[vm.name] = exc.message
-    return Discovered(registered=registered, refused=refused)
+    found = [
+        DiscoveredVm(vm.name, vm.config, tuple(
+            DiskSpec(d.name, d.size, node_name=d.node_name, path=d.path, fmt=d.fmt)
+            for d in vm.disks))
+        for vm in body.vms
+    ]  # fmt: skip
+    done = port.report_vms(db, host=host, vms=found)
+    return Discovered(registered=list(done.registered), refused=dict(done.refused))
 
 
 @router.post("/claims", response_model=list[WorkItem])
@@ -114,6 +110,16 @@ def extend_lease(vm: str, body: LeaseRequest, db: Database = DB, host: str = AGE
     require_own_vm(db, host, vm)
     until = work.extend_lease(db, host=host, session=body.session, vm=vm, lease_s=body.lease_s)
     return LeaseState(held=until is not None, expires_at=until)
+
+
+@router.post("/vms/{vm}/release", response_model=LeaseState)
+def release_lease(
+    vm: str, body: HeartbeatRequest, db: Database = DB, host: str = AGENT
+) -> LeaseState:
+    """End this session's lease of ``vm`` (work abandoned or done without a report)."""
+    require_own_vm(db, host, vm)
+    work.release_lease(db, host=host, session=body.session, vm=vm)
+    return LeaseState(held=False, expires_at=None)
 
 
 @router.get("/vms/{vm}", response_model=VmRecord)
@@ -139,24 +145,27 @@ def transition(
 @router.post("/vms/{vm}/cycles", response_model=CycleRecorded)
 def report_cycle(vm: str, body: CycleReport, db: Database = DB, host: str = AGENT) -> CycleRecorded:
     """Record a claimed cycle's point (with its figures) or its failure; ends the lease
-    unless ``release_lease`` is false (the initial copy inside an enable protection job)."""
+    unless ``release_lease`` is false (the initial copy inside an enable protection job).
+
+    A point recorded before (a report retried after a lost answer) is not an error. A
+    failure's retry time and the state it leads to are decided here (``port.record_failure``).
+    """
     require_own_vm(db, host, vm)
     if (body.point is None) == (body.failure is None):
         raise InputError("report exactly one of point or failure")
-    point = None
     if body.point is not None:
         p = body.point
-        point = points.record_point(
-            db, vm=vm, point_id=p.point_id, created_at=p.created_at, consistency=p.consistency,
-            manifest_key=p.manifest_key, figures=p.figures, bytes_shipped=p.bytes_shipped,
-        )  # fmt: skip
-    elif body.failure is not None:
+        report = PointReport(p.point_id, p.created_at, p.consistency, p.manifest_key,
+                             p.bytes_shipped, p.figures)  # fmt: skip
+        protection = port.record_point(db, vm=vm, point=report)
+    else:
+        assert body.failure is not None
         f = body.failure
-        work.record_cycle_failure(db, vm=vm, message=f.message, recoverable=f.recoverable,
-                                  resync=f.resync)  # fmt: skip
+        failure = FailureReport(f.message, ErrorClass(f.error_class), f.cause, f.resync)
+        protection = port.record_failure(db, vm=vm, failure=failure)
     if body.release_lease:
         work.release_lease(db, host=host, session=body.session, vm=vm)
-    return CycleRecorded(point=point, protection=service.get_protection(db, vm=vm))
+    return CycleRecorded(protection=protection)
 
 
 def _own_job(db: Database, host: str, job_id: str) -> JobRecord:
@@ -187,7 +196,7 @@ def task_event(
         return jobs.finish_task(db, job=job_id, name=task, details=body.details)
     if body.error is None:
         raise InputError("a failed task needs an error message")
-    return jobs.fail_task(db, job=job_id, name=task, error=body.error)
+    return port.fail_task(db, job=job_id, task=task, error=body.error)
 
 
 @router.post("/jobs/{job_id}/finish", response_model=JobRecord)
@@ -212,16 +221,22 @@ def hand_off(job_id: str, body: HandOffRequest, db: Database = DB, host: str = A
 
 
 @router.get("/vms/{vm}/points", response_model=list[PointRecord])
-def list_points(vm: str, db: Database = DB, host: str = AGENT) -> list[PointRecord]:
-    """Recovery points of a VM this host owns or runs a failover of, oldest first."""
+def list_points(
+    vm: str, latest: bool = False, db: Database = DB, host: str = AGENT
+) -> list[PointRecord]:
+    """Recovery points of a VM this host owns or runs a failover of, oldest first; with
+    ``latest=true`` only the newest one (an empty list when there is none)."""
     require_own_vm(db, host, vm)
+    if latest:
+        newest = points.latest_point(db, vm=vm)
+        return [] if newest is None else [newest]
     return points.list_points(db, vm=vm)
 
 
 @router.get("/network-mappings", response_model=list[MappingRecord])
 def network_mappings(db: Database = DB, _: str = AGENT) -> list[MappingRecord]:
     """Source network → recovery and drill networks, for the replica VMs' NICs."""
-    return network.list_mappings(db)
+    return networks.list_mappings(db)
 
 
 @router.post("/jobs/{job_id}/release", response_model=JobRecord)

@@ -27,6 +27,13 @@ from siterecovery.vault.errors import (
     DatabaseUnavailable,
     InvalidJobState,
     InvalidTransition,
+    UnknownHost,
+    UnknownJob,
+    UnknownPoint,
+    UnknownPolicy,
+    UnknownSite,
+    UnknownVm,
+    VmNotProtected,
 )
 
 
@@ -94,11 +101,25 @@ _BY_STATUS: dict[int, type[SiteRecoveryError]] = {
 }
 
 
+#: Errors rebuilt as their own class when the body names it (``error``), so a caller of the
+#: API client can tell them apart exactly as with the vault in-process.
+_BY_NAME: dict[str, type[SiteRecoveryError]] = {
+    cls.__name__: cls
+    for cls in (Conflict, InvalidJobState, DatabaseUnavailable, UnknownSite, UnknownHost,
+                UnknownVm, UnknownPolicy, UnknownJob, UnknownPoint, VmNotProtected)
+}  # fmt: skip
+
+
 def error_from_response(status: int, payload: Any) -> SiteRecoveryError:
     """The client-side error for an error response ``status`` with JSON ``payload``."""
-    message, hint = f"the vault answered HTTP {status}", None
+    message, hint, name = f"the vault answered HTTP {status}", None, None
     if isinstance(payload, dict):
         message = str(payload.get("message") or message)
         hint = payload.get("hint") or None
-    kind = _BY_STATUS.get(status, ApiFailure)
+        name = payload.get("error")
+    if name == InvalidTransition.__name__ and status == 409:
+        return InvalidTransition.rebuilt(message, hint=hint)
+    kind = _BY_NAME.get(str(name), _BY_STATUS.get(status, ApiFailure))
+    if status_of(kind(message)) != status and not (status == 422 and kind is InputError):
+        kind = _BY_STATUS.get(status, ApiFailure)  # a name that does not fit its status
     return kind(message, hint=hint)

@@ -184,10 +184,13 @@ class PointIn(Body):
 
 
 class FailureIn(Body):
+    """A failure as the agent diagnosed it (``policies.retry.diagnose``); the vault decides
+    the retry time and the state it leads to."""
+
     message: Text
-    recoverable: bool
+    error_class: Literal["recoverable", "non-recoverable"]
+    cause: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
     resync: bool = False
-    next_retry_at: AwareDatetime | None = None
 
 
 class CycleReport(Body):

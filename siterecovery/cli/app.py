@@ -213,14 +213,14 @@ def vm_register(
     site: Annotated[str, typer.Option(help="Primary site name.")] = "primary",
 ) -> None:
     """Register a running QEMU VM (started with -qmp unix:PATH,server=on,wait=off)."""
-    from siterecovery.replication.protection import ProtectionService
+    from siterecovery.agent.embedded import EmbeddedAgent
     from siterecovery.vault import service
     from siterecovery.vault.models import SiteRole
 
     env = _env(ctx)
     service.ensure_site(env.db(), name=site, role=SiteRole.PRIMARY)
     service.ensure_host(env.db(), name=host, site=site)
-    protection = ProtectionService(env.db(), env.store(), env.settings.run_dir)
+    protection = EmbeddedAgent(env.db(), env.store(), env.settings.run_dir)
     record = protection.register_vm(host=host, name=name, qmp_path=qmp.resolve(), config={})
     output.out.print(f"registered VM {record.name} with disks {[d.name for d in record.disks]}")
 
@@ -309,11 +309,11 @@ def replicate(
     """Run delta replication cycles now, embedded (agents run them on the policy's schedule)."""
     import time
 
-    from siterecovery.replication.protection import ProtectionService
+    from siterecovery.agent.embedded import EmbeddedAgent
 
     env = _env(ctx)
     pause = parse_duration(every, what="pause")
-    service_ = ProtectionService(env.db(), env.store(), env.settings.run_dir)
+    service_ = EmbeddedAgent(env.db(), env.store(), env.settings.run_dir)
     figures = []
     for n in range(count):
         if n:

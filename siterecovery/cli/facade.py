@@ -226,11 +226,11 @@ class LocalVault:
         return _docs(service.list_policies(self.env.db()))
 
     def protect(self, vm: str, policy: str) -> tuple[Doc, str | None]:
+        from siterecovery.agent.embedded import EmbeddedAgent
         from siterecovery.cli.output import size
-        from siterecovery.replication.protection import ProtectionService
 
         env = self.env
-        service_ = ProtectionService(env.db(), env.store(), env.settings.run_dir)
+        service_ = EmbeddedAgent(env.db(), env.store(), env.settings.run_dir)
         job, result = service_.enable_protection(vm, policy)
         summary = (f"initial replication: {size(result.bytes_read)} read, "
                    f"{size(result.bytes_shipped)} stored in {result.duration_s:.2f} s; "
@@ -257,12 +257,14 @@ class LocalVault:
         return _one_job(prefix, self.jobs(None, 1000))
 
     def resync(self, vm: str, *, full: bool) -> tuple[Doc, Doc]:
-        from siterecovery.replication.protection import ProtectionService
+        from siterecovery.agent.embedded import EmbeddedAgent
 
         env = self.env
-        job, result = ProtectionService(env.db(), env.store(), env.settings.run_dir).resync(
+        job, result = EmbeddedAgent(env.db(), env.store(), env.settings.run_dir).resync(
             vm, full=full
         )
+        if result is None:  # a resumed job had sent its blocks: its figures are in the task
+            return _doc(job), dict(job.task("compare and send blocks").details)
         return _doc(job), {**result.figures(), "point": result.point.point_id}
 
     def request_failover(self, vm: str, kind: str, point: str | None, options: Doc) -> Doc:

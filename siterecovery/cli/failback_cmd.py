@@ -96,10 +96,10 @@ def register_failback_commands(app: typer.Typer, get_env: GetEnv) -> None:
         json_out: JsonFlag = False,
     ) -> None:
         """Protect the failed-back VM again: ship only what differs from the newest point."""
-        from siterecovery.replication.protection import ProtectionService
+        from siterecovery.agent.embedded import EmbeddedAgent
 
         env = get_env(ctx)
-        protection = ProtectionService(env.db(), env.store(), env.settings.run_dir)
+        protection = EmbeddedAgent(env.db(), env.store(), env.settings.run_dir)
         job, result = protection.reverse_replicate(vm)
         if json_out:
             output.print_json({"job": job.id, **result.figures()})

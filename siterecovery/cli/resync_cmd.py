@@ -19,7 +19,7 @@ from siterecovery.domain import parse_duration
 from siterecovery.errors import InputError
 
 if TYPE_CHECKING:
-    from siterecovery.replication.protection import ProtectionService
+    from siterecovery.agent.embedded import EmbeddedAgent
 
 GetEnv = Callable[[typer.Context], Env]
 
@@ -42,6 +42,9 @@ def register_resync_commands(app: typer.Typer, get_env: GetEnv) -> None:
         env = get_env(ctx)
         protection = _protection(env)
         job, result = protection.resync(vm, full=full)
+        if result is None:
+            output.print_job(output.to_jsonable(job))
+            return
         if json_out:
             output.print_json({"job": job.id, **result.figures()})
             return
@@ -113,9 +116,9 @@ def register_resync_commands(app: typer.Typer, get_env: GetEnv) -> None:
             stop.set()
 
 
-def _protection(env: Env, threshold: float = 0.5) -> ProtectionService:
-    from siterecovery.replication.protection import ProtectionService
+def _protection(env: Env, threshold: float = 0.5) -> EmbeddedAgent:
+    from siterecovery.agent.embedded import EmbeddedAgent
 
-    return ProtectionService(
+    return EmbeddedAgent(
         env.db(), env.store(), env.settings.run_dir, resync_threshold=threshold
     )

@@ -220,13 +220,13 @@ def _mark_resync(
 ) -> dict[str, dict[str, str]]:
     """Mark each VM with damaged data *resync required* in the vault; VMs the vault does not
     protect, or whose state forbids it, are listed as skipped with the reason."""
+    from siterecovery.agent.embedded import EmbeddedAgent
     from siterecovery.cli.context import Env
-    from siterecovery.replication.protection import ProtectionService
 
     env = Env(settings)
     result: dict[str, dict[str, str]] = {"marked": {}, "skipped": {}}
     try:
-        service = ProtectionService(env.db(), store, settings.run_dir)
+        service = EmbeddedAgent(env.db(), store, settings.run_dir)
         for vm, reason in damaged_vms(report).items():
             try:
                 service.require_resync(vm, reason)

@@ -53,8 +53,8 @@ from siterecovery.recovery.replica import (
     stop_replica,
     verify_point,
 )
+from siterecovery.replication.engine import CycleResult
 from siterecovery.replication.jobrun import JobListener, JobRun
-from siterecovery.replication.protection import ProtectionService
 from siterecovery.store.manifest import PointManifest
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.vault import jobs, points, service
@@ -274,7 +274,7 @@ class FailoverService:
             task.progress(100, {"paused": True})
         try:
             with run.task("replicate final changes") as task:
-                cycle = ProtectionService(self.db, self.store, self.run_dir).replicate(vm)
+                cycle = self._final_cycle(vm)
                 task.progress(100, {"point": cycle.point.point_id, **cycle.figures()})
             with run.task("select recovery point") as task:
                 point = self._checked_point(vm, FailoverKind.PLANNED,
@@ -287,6 +287,12 @@ class FailoverService:
             raise
         _quit_source(qmp)
         return outcome
+
+    def _final_cycle(self, vm: str) -> CycleResult:
+        """The planned failover's last cycle, run as the embedded agent runs any cycle."""
+        from siterecovery.agent.embedded import EmbeddedAgent  # the embedded door (for now)
+
+        return EmbeddedAgent(self.db, self.store, self.run_dir).replicate(vm)
 
     def _start_or_undo(
         self, run: JobRun, vm: str, kind: FailoverKind, point: PointManifest,

@@ -1,64 +1,67 @@
-"""Protection of a VM: the seed's *enable protection* job, then delta replication cycles.
+"""Protection of a VM, written once: the primary host's work, against the vault port.
 
-This is the agent-side work of the primary host, bookkept in the vault:
+Every method takes the :class:`~siterecovery.vault.work.WorkItem` the vault leased to this
+host's agent session (claimed by ``agent run``, or leased for the operator's own command by
+the embedded door, :mod:`siterecovery.replication.local`) and reports everything through the
+:class:`~siterecovery.vault.port.VaultPort`; data goes from the hypervisor to the replica
+store directly.
 
-``enable_protection(vm, policy)``
-    runs the *enable protection* job and its four tasks, as in the seed: **check
-    prerequisites** (QMP reachable, every disk can hold a persistent bitmap, the replica store
-    answers), **create replication relationship** (the vault's relationship id names the
-    VM's bitmaps), **start initial replication** (a full, point-in-time copy of every disk,
-    while the changes made meanwhile are tracked for the first delta) and **finalize
-    protection** (state *protected*).
+``enable_protection(item)``
+    the seed's *enable protection* job and its four tasks: **check prerequisites** (QMP
+    reachable, every disk can hold a persistent bitmap, the replica store answers), **create
+    replication relationship** (the vault's relationship id names the VM's bitmaps), **start
+    initial replication** (a full point-in-time copy of every disk while the changes made
+    meanwhile are tracked for the first delta) and **finalize protection**. A failed
+    prerequisite leaves the VM *unprotected* (the vault does that when the task fails);
+    ``protect`` works again once the cause is fixed.
+``cycle(item)``
+    one delta cycle on top of the newest recovery point (or, for a VM whose initial copy
+    failed recoverably, the initial copy again). A change log larger than the resync
+    threshold, or one that cannot be trusted, moves the VM to *resync required*.
+``resync(item)`` / ``reverse_replicate(item)``
+    compare every block with the checksums the store holds, send the differing ones, publish
+    a point, *protected* again with a fresh change log (reverse replication: after a
+    committed failback, the primary runs on disks that now hold the replica's data).
+``disable_protection(item)``
+    stop change tracking (this relationship's bitmaps are removed); replica data is left to
+    the store's retention and garbage collection.
+``final_cycle(item)``
+    the last cycle of a planned failover's source phase (the source VM is paused).
 
-``replicate(vm)``
-    one delta cycle on top of the newest recovery point, recorded in the vault. A change log
-    larger than the resync threshold, or one that cannot be trusted, moves the VM to *resync
-    required*.
+Per cycle, from the item (the vault decided when it leased the work): **consistency** —
+``item.app_consistent`` freezes the guest's filesystems through its agent around the
+freezing transaction (a guest without an agent gets a crash-consistent point and a warning);
+**bandwidth** — ``item.limit_bps`` throttles the store; **powered-off VMs** — when QMP does
+not answer and the VM was shut down cleanly, its images are opened offline
+(:mod:`siterecovery.replication.offline`); **stale tracking** — the bitmap generation each
+point recorded must not go backwards.
 
-``resync(vm)``
-    the *resynchronize* job: compare every block with the checksums the store holds, send
-    the differing ones, publish a point, back to *protected* with a fresh change log.
-
-Every failure goes through :meth:`ProtectionService.handle_failure`, the one place that
-applies :func:`siterecovery.replication.retry.diagnose`: recoverable errors are recorded with
-their attempt count and the next retry time of the backoff schedule (health *warning*);
-non-recoverable ones move the VM to *error* (health *critical*, no retry); errors only a
-resync can fix move it to *resync required*. The error is then re-raised. Times come from the
-vault's clock (``db.now()``), which tests inject.
+Every failure of replication work is diagnosed here once
+(:func:`siterecovery.policies.retry.diagnose`) and reported; the vault records it, sets the
+next retry of the seed's backoff, and moves the state
+(:func:`siterecovery.policies.retry.state_after`). The error is then re-raised.
 
 The VM's QMP socket path is host-local configuration kept in the vault's VM record under
 ``config["qmp"]``, and so is its guest agent socket (``config["qga"]``, optional); everything
-else in ``config`` is the machine's description, replicated into every recovery point so the
-recovery site can start the same machine.
-
-Per cycle, from the VM's policy:
-
-- **consistency**: when :func:`~siterecovery.replication.scheduler.app_consistent_due` says so
-  (no app-consistent point in the last ``app_consistent_h`` hours) the guest's filesystems are
-  frozen through its agent around the freezing transaction; a guest without an agent gets a
-  crash-consistent point and a warning (in the point's figures and the log), not an error;
-- **bandwidth**: the store is wrapped (``wrap_backend``) with the policy's work-hours or
-  off-hours limit, whichever applies when the cycle starts;
-- **powered-off VMs**: when the QMP monitor does not answer and the VM was shut down cleanly,
-  its images are opened offline (:mod:`siterecovery.replication.offline`) for the cycle;
-- **stale tracking**: the bitmap generation each point recorded must not go backwards.
+else in ``config`` is the machine's description, replicated into every recovery point.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from siterecovery.domain import Consistency, DiskSpec, ReplicationState, validate_name
+from siterecovery.domain import DiskSpec, ReplicationState, validate_name
 from siterecovery.errors import InputError, SiteRecoveryError
 from siterecovery.hypervisor.errors import QmpError, VmNotFound
 from siterecovery.hypervisor.qmp import QmpSession
 from siterecovery.hypervisor.tracking import ChangeTracker, Quiesce, discover_disks
+from siterecovery.policies.retry import diagnose
+from siterecovery.policies.schedule import CYCLING_STATES, RESYNC_THRESHOLD, over_threshold
 from siterecovery.replication.engine import (
     CycleResult,
     Progress,
@@ -67,46 +70,27 @@ from siterecovery.replication.engine import (
     check_layout,
 )
 from siterecovery.replication.errors import ChangeLogTooLarge
-from siterecovery.replication.jobrun import JobListener, JobRun, TaskHandle
+from siterecovery.replication.jobrun import JobDriver, JobListener, TaskHandle
 from siterecovery.replication.offline import offline_tracker, powered_off
 from siterecovery.replication.resync import Resyncer, ResyncResult
-from siterecovery.replication.retry import Diagnosis, diagnose, next_retry_at
-from siterecovery.replication.scheduler import (
-    RESYNC_THRESHOLD,
-    app_consistent_due,
-    bandwidth_limit,
-    over_threshold,
-)
 from siterecovery.store.manifest import PointManifest
 from siterecovery.store.repair import DAMAGE_REASON
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.store.wrappers import wrap_backend
-from siterecovery.vault import jobs, points, service
-from siterecovery.vault.db import Database
-from siterecovery.vault.records import (
-    JobRecord,
-    PointRecord,
-    PolicyRecord,
-    ReplicatedVmRecord,
-    VmRecord,
-)
-from siterecovery.vault.states import REPLICATING_STATES
+from siterecovery.vault.port import DiscoveredVm, FailureReport, PointReport, VaultPort
+from siterecovery.vault.records import VmRecord
+from siterecovery.vault.work import WorkItem
 
 S = ReplicationState
 HOST_LOCAL_KEYS = ("qmp", "qga")
 
-RESYNC = "resynchronize"
-RESYNC_TASKS = ("prepare resync", "compare and send blocks", "finalize resync")
-REVERSE = "reverse replication"
-REVERSE_TASKS = ("prepare reverse replication", "compare and send blocks", "finalize protection")
-
 
 class ProtectionService:
-    """Enables protection and runs cycles for the VMs of one primary host."""
+    """Runs the primary host's protection work leased to one agent session."""
 
     def __init__(
         self,
-        db: Database,
+        vault: VaultPort,
         store: ReplicaStore,
         run_dir: Path,
         *,
@@ -119,255 +103,261 @@ class ProtectionService:
                 f"resync threshold {resync_threshold!r} is out of range",
                 hint="give a fraction of the disk size in (0, 1], e.g. 0.5",
             )
-        self.db = db
+        self.vault = vault
         self.store = store
         self.run_dir = run_dir
         self.on_job = on_job
         self.progress = progress
         self.resync_threshold = resync_threshold
 
-    # -- inventory -------------------------------------------------------------------------
-
-    def register_vm(
-        self,
-        *,
-        host: str,
-        name: str,
-        qmp_path: Path,
-        config: dict[str, Any],
-        qga_path: Path | None = None,
-    ) -> VmRecord:
-        """Record the VM reachable at ``qmp_path`` and its disks (as QEMU reports them).
-
-        ``qga_path`` is the host side of its guest agent port, if it has one (app-consistent
-        points need it).
-        """
-        validate_name("VM", name)
-        disks = [
-            DiskSpec(d.name, d.size, node_name=d.node, path=d.filename, fmt=d.fmt)
-            for d in discover_disks(qmp_path)
-        ]
-        if not disks:
-            raise InputError(f"VM {name} has no writable disk to protect")
-        full = {**config, "qmp": str(qmp_path)}
-        if qga_path is not None:
-            full["qga"] = str(qga_path)
-        full.setdefault("disks", [{"name": d.name, "size": d.size, "fmt": d.fmt} for d in disks])
-        return service.upsert_vm(self.db, host=host, name=name, config=full, disks=disks)
-
     # -- protection ------------------------------------------------------------------------
 
-    def enable_protection(self, vm: str, policy: str) -> tuple[JobRecord, CycleResult]:
-        """Run the *enable protection* job; return the finished job and the initial cycle."""
-        protection = service.protect(self.db, vm=vm, policy=policy)
-        run = JobRun(self.db, protection.job.id, on_change=self.on_job)
-        record = service.get_vm(self.db, name=vm)
-        relationship = protection.replicated.relationship_id.replace("-", "")
-        with self._task(run, "check prerequisites", vm) as task:
-            task.progress(100, self._check_prerequisites(record))
-        with self._task(run, "create replication relationship", vm) as task:
-            tracker = self._tracker(record, relationship)
-            task.progress(100, {"relationship_id": protection.replicated.relationship_id})
-        with self._task(run, "start initial replication", vm) as task:
-            service.transition(
-                self.db, vm=vm, to_state=S.INITIAL_REPLICATION, reason="initial copy started"
-            )
-            result = self._run_cycle(record, tracker, None, policy=protection.replicated.policy)
-            task.progress(100, result.figures())
-        with self._task(run, "finalize protection", vm):
-            service.transition(
-                self.db, vm=vm, to_state=S.PROTECTED, reason="initial replication complete"
-            )
-        return run.finish(), result
+    def enable_protection(self, item: WorkItem, job: JobDriver) -> CycleResult | None:
+        """The enable protection job, resumed where the vault says it stands; the initial
+        cycle (None when a resumed job had copied it already)."""
+        vm = item.vm
+        record = self.vault.vm(vm)
+        made: list[CycleResult] = []
 
-    def retry_initial(self, vm: str) -> CycleResult:
-        """Retry the initial copy of a VM whose *enable protection* job failed recoverably."""
-        record = service.get_vm(self.db, name=vm)
-        protection = self._require_state(vm, {S.INITIAL_REPLICATION}, "retry its initial copy")
-        tracker = self._tracker(record, protection.relationship_id.replace("-", ""))
+        def initial(task: TaskHandle) -> dict[str, Any]:
+            # Inside the task: a VM that cannot enter initial replication fails the job.
+            self._move(vm, S.INITIAL_REPLICATION, "initial copy started")
+            result = self._initial_copy(item, record)
+            made.append(result)
+            return result.figures()
+
+        job.run("check prerequisites", lambda _: self._check_prerequisites(record))
+        job.run("create replication relationship",
+                lambda _: self._relationship_task(record, item))  # fmt: skip
+        job.run("start initial replication", initial, on_error=self._reporter(vm))
+        job.run("finalize protection",
+                lambda _: self._move(vm, S.PROTECTED, "initial replication complete"))  # fmt: skip
+        job.finish()
+        return made[0] if made else None
+
+    def cycle(self, item: WorkItem) -> CycleResult:
+        """One cycle of ``item.vm``; the point (or the failure) is reported, the lease ended."""
+        vm = item.vm
         try:
-            result = self._run_cycle(record, tracker, None, policy=protection.policy)
-            service.transition(
-                self.db, vm=vm, to_state=S.PROTECTED, reason="initial replication complete"
-            )
+            record = self.vault.vm(vm)
+            state = self.vault.protection(vm).state
+            if state == S.INITIAL_REPLICATION:  # retrying a failed initial copy
+                result = self._initial_copy(item, record)
+                self._move(vm, S.PROTECTED, "initial replication complete")
+                self.vault.release_lease(vm)
+                return result
+            if state not in CYCLING_STATES:
+                raise InputError(f"VM {vm} is {state}: it gets no cycle now",
+                                 hint="see `siterecovery status VM`")  # fmt: skip
+            result = self._delta(item, record)
         except Exception as exc:
-            self.handle_failure(vm, exc)
+            self._report_failure(vm, exc, release=True)
             raise
+        self._report_point(item, result, release=True)
         return result
 
-    def replicate(self, vm: str) -> CycleResult:
-        """Run one delta cycle of the protected ``vm`` and record its recovery point."""
-        record = service.get_vm(self.db, name=vm)
-        # Replication never stops for a drill (DESIGN §5): cycles run during a test failover.
-        protection = self._require_state(vm, {S.PROTECTED, S.TEST_FAILOVER_RUNNING}, "run a cycle")
-        latest = points.latest_point(self.db, vm=vm)
-        if latest is None:
-            raise InputError(f"VM {vm} has no recovery point to continue from")
+    def final_cycle(self, item: WorkItem) -> CycleResult:
+        """The final cycle of a planned failover (the source is paused); the lease stays."""
         try:
-            previous = self.store.load_point(vm, latest.point_id)
-            relationship = protection.relationship_id.replace("-", "")
-            generation = latest.figures.get("generation")
-            with self._open_tracker(record, relationship) as tracker:
-                check_layout(tracker.disks(), previous)  # before the change log: a new disk
-                self._check_change_log(tracker)  # has none, which is not a lost one
-                return self._run_cycle(
-                    record, tracker, previous, policy=protection.policy,
-                    min_generation=generation if isinstance(generation, int) else None,
-                )  # fmt: skip
+            result = self._delta(item, self.vault.vm(item.vm))
         except Exception as exc:
-            self.handle_failure(vm, exc)
+            self._report_failure(item.vm, exc, release=False)
             raise
+        self._report_point(item, result, release=False)
+        return result
+
+    def disable_protection(self, item: WorkItem, job: JobDriver) -> None:
+        """Stop tracking the VM's changes; replica data is left to retention and GC."""
+        record = self.vault.vm(item.vm)
+        relationship = str(item.details.get("relationship_id") or "")
+
+        def stop(_: TaskHandle) -> dict[str, Any]:
+            qmp = _qmp_path(record)
+            if not qmp.exists():
+                return {"bitmaps_removed": False, "reason": f"{qmp} does not exist"}
+            ChangeTracker(qmp, self.run_dir / record.name, relationship.replace("-", "")
+                          ).stop_tracking()  # fmt: skip
+            return {"bitmaps_removed": True}
+
+        job.run("stop replication", stop)
+        job.run("remove replication relationship", lambda _: {"relationship_id": relationship})
+        job.run("remove replica data", lambda _: {"left_for_gc": True})
+        job.finish()
 
     # -- resync ----------------------------------------------------------------------------
 
-    def require_resync(self, vm: str, reason: str) -> ReplicatedVmRecord:
-        """Mark ``vm`` *resync required* (e.g. ``store verify`` found damage); idempotent.
+    def resync(self, item: WorkItem, job: JobDriver) -> ResyncResult | None:
+        """The *resynchronize* job (None when a resumed job had sent the blocks already).
 
-        Allowed from *protected*, *error* and *resync required*; the resync then runs in the
-        policy's window (or now with :meth:`resync`).
+        ``details["full"]`` (or a VM with no point, or damaged replica data) ignores the
+        checksums the store holds and copies every disk into a new base.
         """
-        current = service.get_protection(self.db, vm=vm)
-        if current.state == S.RESYNC_REQUIRED:
-            return current
-        return service.transition(self.db, vm=vm, to_state=S.RESYNC_REQUIRED, reason=reason)
+        reason = str(item.details.get("reason") or "resync required")
+        full = bool(item.details.get("full")) or reason.startswith(DAMAGE_REASON)
+        return self._compare_and_send(
+            item, job, ("prepare resync", "compare and send blocks", "finalize resync"),
+            (S.RESYNCING, reason), (S.PROTECTED, "resync complete"), full=full,
+        )  # fmt: skip
 
-    def resync(
-        self, vm: str, *, full: bool = False, reason: str = "requested by the operator"
-    ) -> tuple[JobRecord, ResyncResult]:
-        """Run the *resynchronize* job now; return the finished job and the resync figures.
+    def reverse_replicate(self, item: WorkItem, job: JobDriver) -> ResyncResult | None:
+        """The *reverse replication* job of a VM whose failback is committed.
 
-        A *protected* or *error* VM is first marked *resync required* with ``reason``; an
-        interrupted resync (state *resyncing*) is started again. ``full`` ignores the
-        checksums the store holds and copies every disk into a new base (use it when the
-        replica data itself is damaged).
+        Its old change log cannot describe disks that now hold the replica's data, so tracking
+        starts afresh and every block is compared with the newest point: only differences
+        ship. The VM is *protected* again.
         """
-        self._enter_resync_required(vm, reason)
-        pending = service.get_protection(self.db, vm=vm).resync_required_reason or reason
-        full = full or pending.startswith(DAMAGE_REASON)  # damaged replica: copy whole
-        record = service.get_vm(self.db, name=vm)
-        job = jobs.create_job(
-            self.db, kind=RESYNC, vm=vm, tasks=RESYNC_TASKS, details={"reason": reason}
-        )
-        run = JobRun(self.db, job.id, on_change=self.on_job)
-        with self._task(run, "prepare resync", vm) as task:
-            protection = service.get_protection(self.db, vm=vm)
-            relationship = protection.relationship_id.replace("-", "")
-            previous = None if full else self._previous_point(vm)
-            service.transition(self.db, vm=vm, to_state=S.RESYNCING, reason=reason)
-            task.progress(100, {
-                "compare_with": previous.point_id if previous else None, "full": previous is None,
-            })  # fmt: skip
-        with self._task(run, "compare and send blocks", vm) as task:
-            store = self._store_for(service.get_policy(self.db, name=protection.policy))
-            with self._open_tracker(record, relationship, resync=True) as tracker:
+        return self._compare_and_send(
+            item, job,
+            ("prepare reverse replication", "compare and send blocks", "finalize protection"),
+            (S.REVERSE_REPLICATING, "failback committed"),
+            (S.PROTECTED, "reverse replication complete"), full=False,
+        )  # fmt: skip
+
+    def _compare_and_send(
+        self,
+        item: WorkItem,
+        job: JobDriver,
+        tasks: tuple[str, str, str],
+        enter: tuple[ReplicationState, str],
+        leave: tuple[ReplicationState, str],
+        *,
+        full: bool,
+    ) -> ResyncResult | None:
+        vm = item.vm
+        latest = self.vault.latest_point(vm)
+        full = full or latest is None
+        made: list[ResyncResult] = []
+
+        def prepare(_: TaskHandle) -> dict[str, Any]:
+            self._move(vm, *enter)
+            return {"compare_with": None if full or latest is None else latest.point_id,
+                    "full": full}  # fmt: skip
+
+        def send(_: TaskHandle) -> dict[str, Any]:
+            previous = None if full or latest is None else self.store.load_point(vm,
+                                                                              latest.point_id)
+            record = self.vault.vm(vm)
+            with self._open_tracker(record, _relationship(item), resync=True) as tracker:
                 record = self._refresh_disks(record, tracker)
-                resyncer = Resyncer(
-                    tracker, store, vm,
-                    vm_config=replica_config(record.config), progress=self.progress,
-                )  # fmt: skip
+                resyncer = Resyncer(tracker, self._store_for(item), vm,
+                                    vm_config=replica_config(record.config),
+                                    progress=self.progress)  # fmt: skip
                 result = resyncer.run(previous)
-            task.progress(100, result.figures())
-        with self._task(run, "finalize resync", vm):
-            self._record(vm, result.point, result.figures(), result.bytes_stored)
-            service.transition(self.db, vm=vm, to_state=S.PROTECTED, reason="resync complete")
-        return run.finish(), result
+            self._report_point(item, result, release=False)
+            made.append(result)
+            return result.figures()
 
-    def reverse_replicate(self, vm: str) -> tuple[JobRecord, ResyncResult]:
-        """Run the *reverse replication* job of a VM whose failback is committed.
+        job.run(tasks[0], prepare)
+        job.run(tasks[1], send, on_error=self._reporter(vm))
+        job.run(tasks[2], lambda _: self._move(vm, *leave))
+        job.finish()
+        return made[0] if made else None
 
-        The primary VM runs again on disks that now hold the replica's data; its old change
-        log cannot describe that, so tracking starts afresh (a new bitmap, as a resync does)
-        and every block is compared with the checksums of the newest recovery point: only
-        differences ship. The new point is recorded and the VM is *protected* again.
-        """
-        self._require_state(vm, {S.COMMITTED_BACK}, "start reverse replication")
-        record = service.get_vm(self.db, name=vm)
-        job = jobs.create_job(self.db, kind=REVERSE, vm=vm, tasks=REVERSE_TASKS)
-        run = JobRun(self.db, job.id, on_change=self.on_job)
-        with self._task(run, "prepare reverse replication", vm) as task:
-            protection = service.get_protection(self.db, vm=vm)
-            relationship = protection.relationship_id.replace("-", "")
-            previous = self._previous_point(vm)
-            service.transition(
-                self.db, vm=vm, to_state=S.REVERSE_REPLICATING, reason="failback committed"
+    # -- cycles ----------------------------------------------------------------------------
+
+    def _initial_copy(self, item: WorkItem, record: VmRecord) -> CycleResult:
+        """The full copy of every disk, reported as the first point (the lease stays)."""
+        tracker = self._tracker(record, _relationship(item))
+        result = self._run_cycle(item, record, tracker, None)
+        self._report_point(item, result, release=False)
+        return result
+
+    def _delta(self, item: WorkItem, record: VmRecord) -> CycleResult:
+        latest = self.vault.latest_point(item.vm)
+        if latest is None:
+            raise InputError(f"VM {item.vm} has no recovery point to continue from",
+                             hint="run `siterecovery resync VM`")  # fmt: skip
+        previous = self.store.load_point(item.vm, latest.point_id)
+        generation = latest.figures.get("generation")
+        with self._open_tracker(record, _relationship(item)) as tracker:
+            check_layout(tracker.disks(), previous)  # before the change log: a new disk
+            self._check_change_log(tracker)  # has none, which is not a lost one
+            return self._run_cycle(
+                item, record, tracker, previous,
+                min_generation=generation if isinstance(generation, int) else None,
+            )  # fmt: skip
+
+    def _run_cycle(
+        self,
+        item: WorkItem,
+        record: VmRecord,
+        tracker: ChangeTracker,
+        previous: PointManifest | None,
+        *,
+        min_generation: int | None = None,
+    ) -> CycleResult:
+        warnings: list[str] = []
+        replicator = Replicator(
+            tracker, self._store_for(item), record.name,
+            vm_config=replica_config(record.config), progress=self.progress,
+        )  # fmt: skip
+        quiesce = self._quiesce(record, item, warnings)
+        result = replicator.run_cycle(previous, quiesce=quiesce, min_generation=min_generation)
+        return dataclasses.replace(result, warnings=tuple(warnings))
+
+    def _quiesce(self, record: VmRecord, item: WorkItem, warnings: list[str]) -> Quiesce | None:
+        """The guest agent's freeze when the vault says an app-consistent point is due."""
+        if not item.app_consistent:
+            return None
+        qga = record.config.get("qga")
+        return agent_quiesce(Path(str(qga)) if qga else None, warnings)
+
+    def _store_for(self, item: WorkItem) -> ReplicaStore:
+        """The store, throttled to the policy's bandwidth limit the vault gave with the work."""
+        return self.store if item.limit_bps is None else throttled_store(self.store,
+                                                                         item.limit_bps)
+
+    def _check_change_log(self, tracker: ChangeTracker) -> None:
+        """Raise :class:`ChangeLogTooLarge` when a disk's pending change passes the threshold."""
+        sizes = {d.name: d.size for d in tracker.disks()}
+        pending = tracker.pending_bytes()
+        over = over_threshold(pending, sizes, self.resync_threshold)
+        if over:
+            shares = ", ".join(f"{d} {pending[d] / sizes[d]:.0%}" for d in over)
+            raise ChangeLogTooLarge(
+                f"pending change over {self.resync_threshold:.0%} of the disk size: {shares}"
             )
-            task.progress(100, {"compare_with": previous.point_id if previous else None})
-        with self._task(run, "compare and send blocks", vm) as task:
-            store = self._store_for(service.get_policy(self.db, name=protection.policy))
-            with self._open_tracker(record, relationship, resync=True) as tracker:
-                record = self._refresh_disks(record, tracker)
-                resyncer = Resyncer(
-                    tracker, store, vm,
-                    vm_config=replica_config(record.config), progress=self.progress,
-                )  # fmt: skip
-                result = resyncer.run(previous)
-            task.progress(100, result.figures())
-        with self._task(run, "finalize protection", vm):
-            self._record(vm, result.point, result.figures(), result.bytes_stored)
-            service.transition(
-                self.db, vm=vm, to_state=S.PROTECTED, reason="reverse replication complete"
-            )
-        return run.finish(), result
 
-    def _enter_resync_required(self, vm: str, reason: str) -> None:
-        state = service.get_protection(self.db, vm=vm).state
-        if state in (S.PROTECTED, S.ERROR, S.RESYNCING):
-            service.transition(self.db, vm=vm, to_state=S.RESYNC_REQUIRED, reason=reason)
-        elif state != S.RESYNC_REQUIRED:
-            raise InputError(
-                f"VM {vm} is {state}: it cannot be resynchronized now",
-                hint="resync a VM that is protected, in error or resync required",
-            )
+    # -- reports ---------------------------------------------------------------------------
 
-    def _previous_point(self, vm: str) -> PointManifest | None:
-        """The newest recovery point to compare with, or None (full copy) if there is none."""
-        latest = points.latest_point(self.db, vm=vm)
-        return None if latest is None else self.store.load_point(vm, latest.point_id)
+    def _report_point(
+        self, item: WorkItem, result: CycleResult | ResyncResult, *, release: bool
+    ) -> None:
+        point = result.point
+        shipped = result.bytes_shipped if isinstance(result, CycleResult) else result.bytes_stored
+        figures = {**result.figures(), "bandwidth_limit_bps": item.limit_bps}
+        report = PointReport(point.point_id, point.created_at, point.consistency, point.key,
+                             shipped, figures)  # fmt: skip
+        self.vault.record_point(item.vm, report, release=release)
 
-    # -- failures --------------------------------------------------------------------------
-
-    def handle_failure(self, vm: str, exc: BaseException) -> Diagnosis:
-        """Record ``exc`` for ``vm`` as the retry rules say, and move its state if needed.
-
-        Recoverable: one more attempt, next retry on the backoff schedule. Resync: *resync
-        required*. Non-recoverable: *error* (from a replicating state). Returns the diagnosis.
-        """
+    def _report_failure(self, vm: str, exc: BaseException, *, release: bool) -> dict[str, Any]:
+        """Diagnose ``exc`` and report it; what the task shows of it."""
         diagnosis = diagnose(exc)
-        current = service.get_protection(self.db, vm=vm)
-        text = _error_text(diagnosis, exc)
-        retry_at = None
-        if diagnosis.recoverable and not diagnosis.resync:
-            retry_at = next_retry_at(self.db.now(), current.attempts + 1)
-        points.record_failure(
-            self.db, vm=vm, error=text, error_class=diagnosis.error_class, next_retry_at=retry_at
-        )
-        target = _state_after(current.state, diagnosis)
-        if target is not None:
-            service.transition(self.db, vm=vm, to_state=target, reason=text)
-        return diagnosis
+        detail = exc.describe() if isinstance(exc, SiteRecoveryError) else f"{exc!r}"
+        after = self.vault.record_failure(vm, FailureReport.of(diagnosis, detail),
+                                          release=release)  # fmt: skip
+        return {
+            "error_class": str(diagnosis.error_class), "cause": diagnosis.cause,
+            "attempts": after.attempts, "state": str(after.state),
+            "next_retry_at": None if after.next_retry_at is None
+            else after.next_retry_at.isoformat(),
+        }  # fmt: skip
 
-    @contextmanager
-    def _task(self, run: JobRun, name: str, vm: str) -> Iterator[TaskHandle]:
-        """A job task whose failure is handled (and shown in the task) before it propagates."""
-        with run.task(name) as task:
-            try:
-                yield task
-            except Exception as exc:
-                diagnosis = self.handle_failure(vm, exc)
-                after = service.get_protection(self.db, vm=vm)
-                task.progress(0, {
-                    "error_class": str(diagnosis.error_class), "cause": diagnosis.cause,
-                    "attempts": after.attempts, "next_retry_at": _iso(after.next_retry_at),
-                    "state": str(after.state),
-                })  # fmt: skip
-                raise
+    def _reporter(self, vm: str) -> Any:
+        return lambda exc: self._report_failure(vm, exc, release=False)
 
-    # -- internals -------------------------------------------------------------------------
+    def _move(self, vm: str, state: ReplicationState, reason: str) -> dict[str, Any]:
+        """Move ``vm`` to ``state`` unless it is there already (a resumed task)."""
+        if self.vault.protection(vm).state != state:
+            self.vault.transition(vm, state, reason)
+        return {"state": str(state)}
+
+    # -- the VM on this host ---------------------------------------------------------------
 
     def _tracker(self, record: VmRecord, relationship: str) -> ChangeTracker:
         qmp = _qmp_path(record)
         if not qmp.exists():
-            raise self._missing(record, qmp)
+            raise _missing(record, qmp)
         return ChangeTracker(qmp, self.run_dir / record.name, relationship)
 
     @contextmanager
@@ -388,7 +378,7 @@ class ProtectionService:
             # powered_off raises VmNotFound when the images are gone too (a deleted VM).
             if not (resync or powered_off(record, relationship)):
                 if not qmp.exists():
-                    raise self._missing(record, qmp) from None
+                    raise _missing(record, qmp) from None
                 raise
             with offline_tracker(record, relationship, self.run_dir / record.name) as tracker:
                 yield tracker
@@ -401,106 +391,20 @@ class ProtectionService:
         if tracker.nodes is not None:
             return record  # offline: the images are the recorded ones
         found = tracker.disks()
-        now = {d.name: d.size for d in found}
-        if now == {d.name: d.size for d in record.disks}:
+        if {d.name: d.size for d in found} == {d.name: d.size for d in record.disks}:
             return record
         config = dict(record.config)
         config["disks"] = [{"name": d.name, "size": d.size, "fmt": d.fmt} for d in found]
-        specs = [DiskSpec(d.name, d.size, node_name=d.node, path=d.filename, fmt=d.fmt)
-                 for d in found]  # fmt: skip
-        return service.upsert_vm(
-            self.db, host=record.host, name=record.name, config=config, disks=specs
-        )
-
-    @staticmethod
-    def _missing(record: VmRecord, qmp: Path) -> VmNotFound:
-        return VmNotFound(
-            f"VM {record.name} not found on this host: its QMP socket {qmp} does not exist",
-            hint="if the VM was deleted, disable protection; if it was moved or only shut "
-            "down, start it (or register it again), then run `siterecovery resync VM`",
-        )
-
-    def _run_cycle(
-        self,
-        record: VmRecord,
-        tracker: ChangeTracker,
-        previous: PointManifest | None,
-        *,
-        policy: str,
-        min_generation: int | None = None,
-    ) -> CycleResult:
-        rules = service.get_policy(self.db, name=policy)
-        warnings: list[str] = []
-        store = self._store_for(rules)
-        replicator = Replicator(
-            tracker, store, record.name,
-            vm_config=replica_config(record.config), progress=self.progress,
-        )  # fmt: skip
-        quiesce = self._quiesce(record, rules, warnings)
-        result = replicator.run_cycle(previous, quiesce=quiesce, min_generation=min_generation)
-        result = dataclasses.replace(result, warnings=tuple(warnings))
-        figures = {**result.figures(), "bandwidth_limit_bps": _limit_of(store, self.store)}
-        if result.consistency == Consistency.APP:
-            # On the vault's clock, which app_consistent_due compares with (tests inject it).
-            figures["app_consistent_at"] = self.db.now().isoformat()
-        self._record(record.name, result.point, figures, result.bytes_shipped)
-        return result
-
-    def _quiesce(
-        self, record: VmRecord, policy: PolicyRecord, warnings: list[str]
-    ) -> Quiesce | None:
-        """The guest agent's freeze when the policy wants an app-consistent point now."""
-        last_app = max(
-            (_app_time(p) for p in points.list_points(self.db, vm=record.name)
-             if p.consistency == Consistency.APP),
-            default=None,
-        )  # fmt: skip
-        if not app_consistent_due(policy.app_consistent_h, last_app, self.db.now()):
-            return None
-        qga = record.config.get("qga")
-        return agent_quiesce(Path(str(qga)) if qga else None, warnings)
-
-    def _store_for(self, policy: PolicyRecord) -> ReplicaStore:
-        """The store, throttled to the policy's bandwidth limit for this time of day."""
-        limit = bandwidth_limit(
-            policy.resync_window, policy.bandwidth_work_mbps, policy.bandwidth_offhours_mbps,
-            self.db.now(),
-        )  # fmt: skip
-        return self.store if limit is None else throttled_store(self.store, limit)
-
-    def _record(
-        self, vm: str, point: PointManifest, figures: dict[str, Any], bytes_shipped: int
-    ) -> None:
-        points.record_point(
-            self.db, vm=vm, point_id=point.point_id, created_at=point.created_at,
-            consistency=point.consistency, manifest_key=point.key, figures=figures,
-            bytes_shipped=bytes_shipped,
-        )  # fmt: skip
-
-    def _check_change_log(self, tracker: ChangeTracker) -> None:
-        """Raise :class:`ChangeLogTooLarge` when a disk's pending change passes the threshold."""
-        sizes = {d.name: d.size for d in tracker.disks()}
-        pending = tracker.pending_bytes()
-        over = over_threshold(pending, sizes, self.resync_threshold)
-        if over:
-            shares = ", ".join(f"{d} {pending[d] / sizes[d]:.0%}" for d in over)
-            raise ChangeLogTooLarge(
-                f"pending change over {self.resync_threshold:.0%} of the disk size: {shares}"
-            )
-
-    def _require_state(
-        self, vm: str, states: set[ReplicationState], operation: str
-    ) -> ReplicatedVmRecord:
-        protection = service.get_protection(self.db, vm=vm)
-        if protection.state not in states:
-            raise InputError(
-                f"VM {vm} is {protection.state}: cannot {operation}",
-                hint="see `siterecovery status VM` for what it needs",
-            )
-        return protection
+        specs = tuple(DiskSpec(d.name, d.size, node_name=d.node, path=d.filename, fmt=d.fmt)
+                      for d in found)  # fmt: skip
+        self.vault.report_vms([DiscoveredVm(record.name, config, specs)])
+        return self.vault.vm(record.name)
 
     def _check_prerequisites(self, record: VmRecord) -> dict[str, Any]:
-        disks = discover_disks(_qmp_path(record))
+        qmp = _qmp_path(record)
+        if not qmp.exists():
+            raise _missing(record, qmp)
+        disks = discover_disks(qmp)
         unsupported = [d.name for d in disks if d.fmt != "qcow2"]
         if unsupported:
             raise InputError(
@@ -510,6 +414,28 @@ class ProtectionService:
             )
         self.store.list_points(record.name)  # the store answers and its points load
         return {"disks": [d.name for d in disks], "store": self.store.url}
+
+    def _relationship_task(self, record: VmRecord, item: WorkItem) -> dict[str, Any]:
+        self._tracker(record, _relationship(item))  # the socket is there
+        return {"relationship_id": item.relationship_id}
+
+
+def discovered_vm(
+    name: str, qmp_path: Path, config: Mapping[str, Any], qga_path: Path | None = None
+) -> DiscoveredVm:
+    """The VM reachable at ``qmp_path`` as a discovery report: its disks as QEMU reports
+    them, and its config with the host-local sockets. InputError when it has no disk."""
+    validate_name("VM", name)
+    found = discover_disks(qmp_path)
+    if not found:
+        raise InputError(f"VM {name} has no writable disk to protect")
+    full: dict[str, Any] = {**config, "qmp": str(qmp_path)}
+    if qga_path is not None:
+        full["qga"] = str(qga_path)
+    full.setdefault("disks", [{"name": d.name, "size": d.size, "fmt": d.fmt} for d in found])
+    disks = tuple(DiskSpec(d.name, d.size, node_name=d.node, path=d.filename, fmt=d.fmt)
+                  for d in found)  # fmt: skip
+    return DiscoveredVm(name, full, disks)
 
 
 def throttled_store(store: ReplicaStore, limit_bps: float) -> ReplicaStore:
@@ -526,40 +452,26 @@ def throttled_store(store: ReplicaStore, limit_bps: float) -> ReplicaStore:
     return view
 
 
-def _app_time(point: PointRecord) -> datetime:
-    """When an app-consistent point was taken, on the vault's clock."""
-    raw = point.figures.get("app_consistent_at")
-    return datetime.fromisoformat(raw) if isinstance(raw, str) else point.created_at
-
-
-def _limit_of(store: ReplicaStore, unthrottled: ReplicaStore) -> float | None:
-    bucket = getattr(store.backend, "bucket", None)
-    return None if store is unthrottled or bucket is None else float(bucket.rate)
-
-
-def replica_config(config: dict[str, Any]) -> dict[str, Any]:
+def replica_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The VM description stored in recovery points: the config without host-local keys."""
     return {k: v for k, v in config.items() if k not in HOST_LOCAL_KEYS}
 
 
-def _state_after(state: ReplicationState, diagnosis: Diagnosis) -> ReplicationState | None:
-    """The state a failure moves a VM to (None: it stays), per the module docstring."""
-    if diagnosis.resync and state in REPLICATING_STATES | {S.ERROR}:
-        return S.RESYNC_REQUIRED
-    if not diagnosis.recoverable and state in REPLICATING_STATES | {S.ENABLING_PROTECTION}:
-        return S.ERROR
-    if state == S.RESYNCING:
-        return S.RESYNC_REQUIRED  # a recoverable resync failure: retried in the window
-    return None
+def _relationship(item: WorkItem) -> str:
+    """The bitmap-name form of the item's relationship id (hex, no dashes)."""
+    rel = item.relationship_id or str(item.details.get("relationship_id") or "")
+    if not rel:
+        raise InputError(f"work on VM {item.vm} carries no replication relationship")
+    return rel.replace("-", "")
 
 
-def _error_text(diagnosis: Diagnosis, exc: BaseException) -> str:
-    detail = exc.describe() if isinstance(exc, SiteRecoveryError) else f"{exc!r}"
-    return f"{diagnosis.cause}: {detail}"[:4000]
-
-
-def _iso(value: Any) -> str | None:
-    return None if value is None else str(value.isoformat())
+def _missing(record: VmRecord, qmp: Path) -> VmNotFound:
+    return VmNotFound(
+        f"VM {record.name} not found on this host: its QMP socket {qmp} does not exist",
+        hint="if the VM was deleted, disable protection (`siterecovery unprotect VM`); if it "
+        "was moved or only shut down, start it (or register it again), then run "
+        "`siterecovery resync VM`",
+    )
 
 
 def _qmp_path(record: VmRecord) -> Path:

@@ -3,7 +3,7 @@
 :meth:`Runner.run_due` looks at every protected VM (of one host, or all), asks the pure
 scheduler what is due at the vault clock's ``now``, and runs it: a delta cycle, a retry (the
 same cycle, or the initial copy when that is what failed), or a resync. Failures are already
-recorded by :class:`ProtectionService` (error, class, attempts, next retry, state); the loop
+recorded by :class:`EmbeddedAgent` (error, class, attempts, next retry, state); the loop
 reports them in its outcomes and goes on with the next VM, so one VM never stops another.
 
 VMs run in parallel: at most ``parallel`` at once, and only while the sum of their memory
@@ -20,13 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from siterecovery.agent.embedded import EmbeddedAgent
 from siterecovery.domain import ReplicationState
 from siterecovery.errors import InputError, SiteRecoveryError
+from siterecovery.policies.retry import diagnose
+from siterecovery.policies.schedule import Action, Due, VmSchedule, decide
 from siterecovery.replication.engine import cycle_memory
 from siterecovery.replication.maintenance import Maintenance, MaintenanceOutcome
-from siterecovery.replication.protection import ProtectionService
-from siterecovery.replication.retry import diagnose
-from siterecovery.replication.scheduler import Action, Due, VmSchedule, decide
 from siterecovery.vault import service
 from siterecovery.vault.records import ReplicatedVmRecord
 
@@ -83,7 +83,7 @@ class Runner:
 
     def __init__(
         self,
-        protection: ProtectionService,
+        protection: EmbeddedAgent,
         *,
         host: str | None = None,
         parallel: int = 2,
@@ -181,14 +181,13 @@ class Runner:
         if action == Action.RESYNC:
             job, result = self.protection.resync(vm, reason=record.resync_required_reason
                                                  or "resync required")  # fmt: skip
+            if result is None:
+                return f"resync job {job.id[:8]} resumed and finished"
             return (
                 f"resync job {job.id[:8]}: {result.blocks_sent}/{result.blocks_compared} "
                 f"blocks sent ({result.bytes_sent} bytes) in {result.duration_s:.2f} s"
             )
-        if record.state == S.INITIAL_REPLICATION:
-            cycle = self.protection.retry_initial(vm)
-        else:
-            cycle = self.protection.replicate(vm)
+        cycle = self.protection.replicate(vm)  # or the retried initial copy
         return f"point {cycle.point.point_id}: {cycle.bytes_read} bytes read"
 
     def _inputs(self, record: ReplicatedVmRecord) -> VmSchedule:

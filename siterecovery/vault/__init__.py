@@ -6,7 +6,7 @@ Modules:
   run at open), transactions, the injectable clock;
 - :mod:`~siterecovery.vault.service` — every operation, as plain functions taking the
   database and keyword arguments, returning frozen records;
-- :mod:`~siterecovery.vault.states` — pure rules: transition table, health, resync window;
+- :mod:`~siterecovery.policies.states` — pure rules: transition table, health, resync window;
 - :mod:`~siterecovery.vault.records` — what the service returns;
 - :mod:`~siterecovery.vault.models` — the SQLAlchemy tables (internal to the vault);
 - :mod:`~siterecovery.vault.errors` — the vault's exception tree.

@@ -46,6 +46,14 @@ class InvalidTransition(VaultError):
             f"VM {vm!r} is '{current}': cannot {operation}; it must be {_quoted(self.required)}"
         )
 
+    @classmethod
+    def rebuilt(cls, message: str, *, hint: str | None = None) -> InvalidTransition:
+        """The error as an API client rebuilds it from its message (fields unknown)."""
+        error = cls.__new__(cls)
+        VaultError.__init__(error, message, hint=hint)
+        error.vm, error.current, error.operation, error.required = "", "", "", frozenset()
+        return error
+
 
 class InvalidJobState(VaultError):
     """A job or one of its tasks is not in a state that allows the requested operation."""

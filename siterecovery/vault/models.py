@@ -45,7 +45,7 @@ from siterecovery.domain import (
     JobState,
     ReplicationState,
 )
-from siterecovery.vault.states import ErrorClass
+from siterecovery.policies.states import ErrorClass
 
 #: Constraint names are explicit so later migrations can drop/alter them on every database.
 NAMING_CONVENTION = {

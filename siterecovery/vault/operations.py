@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.domain import FailoverKind, JobState, ReplicationState
+from siterecovery.domain import FailoverKind, JobKind, JobState, ReplicationState
 from siterecovery.errors import InputError
 from siterecovery.vault import checks, rows
 from siterecovery.vault.db import Database
@@ -62,14 +62,17 @@ PLANNED_SOURCE_TASKS = ("check prerequisites", "shut down source VM", "replicate
 RECOVERY_TASKS = ("select recovery point", "prepare disks", "start replica VM")
 RELEASE_SOURCE = "release source VM"
 
+REVERSE = JobKind.REVERSE_REPLICATION.value
+REVERSE_TASKS = ("prepare reverse replication", "compare and send blocks", "finalize protection")
+
 #: Job kinds the VM's own (primary) host runs.
-PRIMARY_KINDS = frozenset({ENABLE_PROTECTION, DISABLE_PROTECTION, RESYNC})
+PRIMARY_KINDS = frozenset({ENABLE_PROTECTION, DISABLE_PROTECTION, RESYNC, REVERSE})
 #: Job kinds a recovery host runs (planned failover: only in its recovery phase).
 RECOVERY_KINDS = frozenset({*FAILOVER_JOB.values(), CLEANUP, CHANGE_POINT, COMMIT})
 ALL_KINDS = PRIMARY_KINDS | RECOVERY_KINDS
 #: While one of these is open the VM gets no cycle.
 BLOCKING_KINDS = frozenset({FAILOVER_JOB[FailoverKind.PLANNED], RESYNC, ENABLE_PROTECTION,
-                            DISABLE_PROTECTION})  # fmt: skip
+                            DISABLE_PROTECTION, REVERSE})  # fmt: skip
 OPEN = (JobState.PENDING, JobState.RUNNING)
 OPTION_KEYS = frozenset({"mode", "expose", "append"})
 
@@ -170,6 +173,17 @@ def request_resync(db: Database, /, *, vm: str, reason: str, full: bool = False)
     if state != S.RESYNC_REQUIRED:
         transition(db, vm=vm, to_state=S.RESYNC_REQUIRED, reason=reason)
     return add_resync_job(db, vm=vm, reason=reason, trigger="operator", full=full)
+
+
+def request_reverse(db: Database, /, *, vm: str) -> JobRecord:
+    """Queue the *reverse replication* job of ``vm`` (its failback committed) for its host."""
+    with db.transaction() as txn:
+        row = rows.replicated(txn, vm, for_update=True)
+        _require_state(vm, row.state, {S.COMMITTED_BACK}, "start reverse replication")
+        _require_no_open_job(txn, row.vm_id, vm)
+        job = add_job(txn, db.now(), kind=REVERSE, vm=row.vm, tasks=REVERSE_TASKS)
+        txn.flush()
+        return JobRecord.of(job)
 
 
 def add_resync_job(

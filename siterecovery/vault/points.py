@@ -19,12 +19,12 @@ from sqlalchemy.orm import Session
 
 from siterecovery.domain import Consistency, validate_name
 from siterecovery.errors import InputError
+from siterecovery.policies.states import ErrorClass, compute_health, default_rpo_threshold_s
 from siterecovery.vault import checks, rows
 from siterecovery.vault.db import Database
 from siterecovery.vault.errors import Conflict, UnknownPoint
 from siterecovery.vault.models import RecoveryPoint, ReplicatedVm
 from siterecovery.vault.records import PointRecord, ReplicatedVmRecord
-from siterecovery.vault.states import ErrorClass, compute_health, default_rpo_threshold_s
 
 
 def record_point(

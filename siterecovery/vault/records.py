@@ -12,9 +12,9 @@ from datetime import datetime
 from typing import Any
 
 from siterecovery.domain import Consistency, Health, JobState, ReplicationState
+from siterecovery.policies.states import ErrorClass
 from siterecovery.vault import models
 from siterecovery.vault.models import SiteRole
-from siterecovery.vault.states import ErrorClass
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,13 @@ from sqlalchemy import delete, select
 
 from siterecovery.domain import COPY_FREQUENCIES_S, DiskSpec, ReplicationState, validate_name
 from siterecovery.errors import InputError
+from siterecovery.policies.states import (
+    ErrorClass,
+    allowed_transitions,
+    compute_health,
+    parse_window,
+    sources_of,
+)
 from siterecovery.vault import checks, rows
 from siterecovery.vault.db import Database
 from siterecovery.vault.errors import Conflict, InvalidTransition
@@ -73,13 +80,6 @@ from siterecovery.vault.records import (
     SiteRecord,
     VmRecord,
 )
-from siterecovery.vault.states import (
-    ErrorClass,
-    allowed_transitions,
-    compute_health,
-    parse_window,
-    sources_of,
-)
 
 __all__ = [
     "DISABLE_PROTECTION",
@@ -87,6 +87,7 @@ __all__ = [
     "ENABLE_PROTECTION",
     "ENABLE_PROTECTION_TASKS",
     "ErrorClass",
+    "abandon_protection",
     "allowed_transitions",
     "cancel_job",
     "compute_health",
@@ -202,7 +203,10 @@ def upsert_vm(
     """Create or update the VM ``name`` on ``host`` as its agent reports it.
 
     ``disks`` replaces the VM's disk set (matched by name). VM names are unique in the vault:
-    a VM of that name on another host is a Conflict.
+    a VM of that name on another host is a Conflict. A **protected** VM is never re-pointed at
+    another VM: a different QMP socket (``config["qmp"]``), or a disk set none of whose image
+    paths was recorded, is a Conflict (an added, removed or resized disk is not: the next
+    cycle finds the change and resyncs).
     """
     validate_name("VM", name)
     config_json = checks.json_object("VM config", config)
@@ -219,10 +223,28 @@ def upsert_vm(
                 f"VM {name!r} is registered on host {row.host.name!r}, not {host!r}",
                 hint="VM names are unique in the vault: rename one of the VMs",
             )
+        if row.replicated is not None:
+            _refuse_repointing(row, config_json, specs)
         row.config, row.updated_at = config_json, now
         _replace_disks(row, specs)
         session.flush()
         return VmRecord.of(row)
+
+
+def _refuse_repointing(row: Vm, config: Mapping[str, Any], specs: list[DiskSpec]) -> None:
+    old_paths = {d.path for d in row.disks if d.path}
+    new_paths = {d.path for d in specs if d.path}
+    other_socket = "qmp" in row.config and config.get("qmp") != row.config["qmp"]
+    other_disks = bool(old_paths and new_paths) and not old_paths & new_paths
+    if other_socket or other_disks:
+        what = "QMP socket" if other_socket else "disks"
+        raise Conflict(
+            f"VM {row.name!r} is {row.replicated.state if row.replicated else 'protected'}: "
+            f"it cannot be re-pointed at another {what} (its recovery points and change log "
+            "describe the recorded VM)",
+            hint="unprotect it first (`siterecovery unprotect VM`), or register the other VM "
+            "under another name",
+        )
 
 
 def _check_disks(disks: Sequence[DiskSpec]) -> list[DiskSpec]:
@@ -417,6 +439,25 @@ def unprotect(db: Database, /, *, vm: str) -> JobRecord:
         )
         session.flush()
         return JobRecord.of(job)
+
+
+def abandon_protection(db: Database, /, *, vm: str, reason: str) -> VmRecord:
+    """Return ``vm`` to *unprotected* when its enable protection failed before anything was
+    replicated (state *enabling protection*): ``protect`` may be run again once the cause
+    (``reason``, kept in the job) is fixed. InvalidTransition from any other state."""
+    checks.text("reason", reason)
+    with db.transaction() as session:
+        row = rows.replicated(session, vm, for_update=True)
+        if row.state != ReplicationState.ENABLING_PROTECTION:
+            raise InvalidTransition(
+                vm=vm, current=row.state, operation="abandon its protection",
+                required={ReplicationState.ENABLING_PROTECTION},
+            )  # fmt: skip
+        vm_row = row.vm
+        session.delete(row)
+        session.flush()
+        session.refresh(vm_row)
+        return VmRecord.of(vm_row)
 
 
 def transition(

@@ -4,10 +4,10 @@ The vault decides when work is due; agents claim it (DESIGN §2):
 
 - a pending or running job is due at once, for the host that runs its kind (the VM's own
   host, or a recovery host: :mod:`~siterecovery.vault.operations`);
-- otherwise :func:`siterecovery.replication.scheduler.decide` says what is due for a VM of
+- otherwise :func:`siterecovery.policies.schedule.decide` says what is due for a VM of
   the host: a **cycle** one copy interval after its last cycle (at once if it never had one),
   not before ``next_retry_at`` after a recoverable failure (the backoff of
-  :mod:`siterecovery.replication.retry`), nothing after a non-recoverable one; a **resync**
+  :mod:`siterecovery.policies.retry`), nothing after a non-recoverable one; a **resync**
   for a VM in *resync required* once inside its policy's resync window (handed out as a
   *resynchronize* job, as an operator's ``POST /v1/vms/{vm}/resync`` is at once).
 
@@ -31,23 +31,30 @@ from typing import Any
 from sqlalchemy import Select, and_, delete, or_, select
 from sqlalchemy.orm import Session
 
-from siterecovery.domain import Health, ReplicationState
+from siterecovery.domain import Consistency, Health, ReplicationState
 from siterecovery.errors import InputError
-from siterecovery.replication.retry import next_retry_at
-from siterecovery.replication.scheduler import Action, VmSchedule, decide
-from siterecovery.vault import checks, operations, rows
-from siterecovery.vault.auth_models import WorkLease
-from siterecovery.vault.db import Database
-from siterecovery.vault.models import Host, Job, Policy, RecoveryPoint, ReplicatedVm, SiteRole, Vm
-from siterecovery.vault.records import HostRecord, PolicyRecord, ReplicatedVmRecord
-from siterecovery.vault.service import check_policy
-from siterecovery.vault.states import (
+from siterecovery.policies.schedule import (
+    CYCLING_STATES,
+    Action,
+    VmSchedule,
+    app_consistent_due,
+    bandwidth_limit,
+    decide,
+)
+from siterecovery.policies.states import (
     REPLICATING_STATES,
     ErrorClass,
     compute_health,
     default_rpo_threshold_s,
     parse_window,
 )
+from siterecovery.vault import checks, operations, rows
+from siterecovery.vault.auth_models import WorkLease
+from siterecovery.vault.db import Database
+from siterecovery.vault.errors import Conflict, InvalidJobState
+from siterecovery.vault.models import Host, Job, Policy, RecoveryPoint, ReplicatedVm, SiteRole, Vm
+from siterecovery.vault.records import HostRecord, PolicyRecord, ReplicatedVmRecord
+from siterecovery.vault.service import check_policy
 
 CYCLE = "cycle"
 RESYNC_WORK = "resync"
@@ -70,6 +77,10 @@ class WorkItem:
     resumed: bool
     lease_expires_at: datetime
     details: dict[str, Any]
+    app_consistent: bool = False
+    """Quiesce the guest for this cycle (the policy's app-consistent frequency is due)."""
+    limit_bps: int | None = None
+    """The policy's bandwidth limit at claim time (work or off-hours), bytes/s; None: none."""
 
 
 def claim_work(
@@ -150,7 +161,8 @@ def _due_replication(
     )
     query = (
         query
-        .where(Vm.host_id == host.id, ReplicatedVm.state.in_([S.PROTECTED, S.RESYNC_REQUIRED]))
+        .where(Vm.host_id == host.id,
+               ReplicatedVm.state.in_([*sorted(CYCLING_STATES), S.RESYNC_REQUIRED]))
         .where(or_(ReplicatedVm.next_retry_at.is_(None), ReplicatedVm.next_retry_at <= now))
         .where(~blocked.exists())
         .order_by(ReplicatedVm.last_cycle_at.is_not(None), ReplicatedVm.last_cycle_at)
@@ -183,9 +195,10 @@ def _take(
     *,
     job: Job | None = None,
     replicated: ReplicatedVm | None = None,
+    force: bool = False,
 ) -> None:
     lease = txn.get(WorkLease, vm.id)
-    if lease is not None and lease.session == session and lease.expires_at > now:
+    if not force and lease is not None and lease.session == session and lease.expires_at > now:
         return  # this agent is working on it right now
     resumed = lease is not None and lease.host_id == host.id
     if lease is None:
@@ -196,6 +209,7 @@ def _take(
     lease.session, lease.kind, lease.job_id = session, kind, job.id if job else None
     lease.claimed_at, lease.expires_at = now, now + timedelta(seconds=lease_s)
     replicated = replicated or vm.replicated
+    quiesce, limit = _cycle_plan(txn, replicated, now)
     items.append(
         WorkItem(
             kind=kind,
@@ -207,8 +221,67 @@ def _take(
             resumed=resumed,
             lease_expires_at=lease.expires_at,
             details=dict(job.details) if job else {},
+            app_consistent=quiesce,
+            limit_bps=limit,
         )
     )
+
+
+def _cycle_plan(txn: Session, row: ReplicatedVm | None, now: datetime) -> tuple[bool, int | None]:
+    """Whether a cycle run now should be app-consistent, and the bandwidth limit now."""
+    if row is None:
+        return False, None
+    policy = row.policy
+    limit = bandwidth_limit(policy.resync_window, policy.bandwidth_work_mbps,
+                            policy.bandwidth_offhours_mbps, now)  # fmt: skip
+    if policy.app_consistent_h == 0:
+        return False, limit
+    last = txn.scalars(
+        select(RecoveryPoint).where(RecoveryPoint.vm_id == row.vm_id,
+                                    RecoveryPoint.consistency == Consistency.APP)
+        .order_by(RecoveryPoint.created_at.desc()).limit(1)
+    ).first()  # fmt: skip
+    return app_consistent_due(policy.app_consistent_h, _app_time(last), now), limit
+
+
+def _app_time(point: RecoveryPoint | None) -> datetime | None:
+    """When an app-consistent point was taken, on the vault's clock (see ``record_point``)."""
+    if point is None:
+        return None
+    raw = point.figures.get("app_consistent_at")
+    return datetime.fromisoformat(raw) if isinstance(raw, str) else point.created_at
+
+
+def lease_vm(
+    db: Database, /, *, host: str, session: str, vm: str, job_id: str | None = None,
+    lease_s: int = DEFAULT_LEASE_S,
+) -> WorkItem:  # fmt: skip
+    """Lease ``vm`` to ``session`` of ``host`` for its open job ``job_id``, or for a cycle now.
+
+    The embedded door runs work this way, in the operator's own process; the scheduler is not
+    asked (the operator asked). Conflict, naming the holder, when another session holds a
+    live lease of the VM; InvalidJobState when the job is not open or not the VM's.
+    """
+    checks.uuid_text("agent session", session)
+    with db.transaction() as txn:
+        host_row = rows.host(txn, host)
+        vm_row = rows.vm(txn, vm, for_update=True)
+        now = db.now()
+        lease = txn.get(WorkLease, vm_row.id)
+        if lease is not None and lease.expires_at > now and lease.session != session:
+            raise Conflict(
+                f"VM {vm!r} is busy: host {lease.host.name!r} is running its {lease.kind}",
+                hint="wait for that work to end (`siterecovery jobs --watch`), or for its "
+                "lease to expire if that agent is gone",
+            )
+        job = None
+        if job_id is not None:
+            job = rows.job(txn, job_id, for_update=True)
+            if job.vm_id != vm_row.id or job.state not in operations.OPEN:
+                raise InvalidJobState(f"job {job_id} is not an open job of VM {vm!r}")
+        items: list[WorkItem] = []
+        _take(txn, items, host_row, vm_row, now, session, lease_s, job=job, force=True)
+        return items[0]
 
 
 def holds_lease(db: Database, /, *, host: str, vm: str) -> bool:
@@ -393,42 +466,3 @@ def _vm_status(txn: Session, row: ReplicatedVm, now: datetime, timeout_s: float 
 
 def _policy(row: ReplicatedVm) -> Policy:
     return row.policy
-
-
-def record_cycle_failure(
-    db: Database, /, *, vm: str, message: str, recoverable: bool, resync: bool
-) -> ReplicatedVmRecord:
-    """Record a failed cycle or job step of ``vm`` and move it where the failure leads.
-
-    A recoverable failure is retried on the schedule of :func:`retry.next_retry_at`
-    (1, 2, 4, 8, 10 minutes, then every 30); ``resync`` (the
-    change log cannot be trusted) moves a protected VM to *resync required*; a
-    non-recoverable failure while enabling protection moves the VM to *error*; a failed
-    resync goes back to *resync required* (recoverable) or to *error*.
-    """
-    from siterecovery.vault import service as service_
-
-    kind = ErrorClass.RECOVERABLE if recoverable else ErrorClass.NON_RECOVERABLE
-    current = service_.get_protection(db, vm=vm)
-    retry_at = None
-    if recoverable and not resync:
-        retry_at = next_retry_at(db.now(), current.attempts + 1)
-    record = points_failure(db, vm=vm, error=message, error_class=kind, next_retry_at=retry_at)
-    if record.state == S.RESYNCING:  # a failed resync: again in the window, or an operator
-        target = S.RESYNC_REQUIRED if recoverable else S.ERROR
-        return service_.transition(db, vm=vm, to_state=target, reason=message[:500])
-    if resync and record.state == S.PROTECTED:
-        return service_.transition(db, vm=vm, to_state=S.RESYNC_REQUIRED, reason=message[:500])
-    if not recoverable and record.state in (S.ENABLING_PROTECTION, S.INITIAL_REPLICATION):
-        return service_.transition(db, vm=vm, to_state=S.ERROR, reason=message[:500])
-    return record
-
-
-def points_failure(
-    db: Database, /, *, vm: str, error: str, error_class: ErrorClass, next_retry_at: datetime | None
-) -> ReplicatedVmRecord:
-    from siterecovery.vault.points import record_failure
-
-    return record_failure(
-        db, vm=vm, error=error, error_class=error_class, next_retry_at=next_retry_at
-    )

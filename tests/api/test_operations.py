@@ -14,7 +14,7 @@ from siterecovery.api.client import VaultClient
 from siterecovery.vault import access
 from siterecovery.vault.access import PermissionDenied
 from siterecovery.vault.db import open_database
-from siterecovery.vault.errors import Conflict
+from siterecovery.vault.errors import Conflict, InvalidTransition
 
 from .test_http import register_host, report_vm
 from .vaultproc import VaultProcess
@@ -82,7 +82,7 @@ def test_planned_failover_is_handed_between_the_sites_and_readers_get_403(
         with pytest.raises(PermissionDenied, match=denied):
             reader.post("/v1/vms/web1/failover", {"kind": "planned"})
         assert reader.get("/v1/jobs", vm="web1")[0]["kind"] == "enable protection"  # nothing new
-        with pytest.raises(Conflict, match="cannot run a commit failover"):
+        with pytest.raises(InvalidTransition, match="cannot run a commit failover"):
             op.post("/v1/vms/web1/failover/commit")
         job = op.post("/v1/vms/web1/failover", {"kind": "planned"})
         assert job["kind"] == "planned failover" and job["details"]["phase"] == "source"
@@ -137,7 +137,8 @@ def test_resyncs_in_the_window_retried_on_backoff_and_on_request(
         protect(vault, op, agent, "web1")
         op.patch("/v1/policies/gold", {"resync_window": later})
         agent.post("/v1/agent/vms/web1/cycles", {"session": PRIMARY, "failure": {
-            "message": "change tracking lost", "recoverable": True, "resync": True}})  # fmt: skip
+            "message": "bitmap inconsistent", "error_class": "recoverable",
+            "cause": "change tracking lost", "resync": True}})  # fmt: skip
         assert op.get("/v1/vms/web1")["state"] == "resync required"
         assert agent.post("/v1/agent/claims", {"session": PRIMARY}) == []  # outside the window
         op.patch("/v1/policies/gold", {"resync_window": around})
@@ -148,7 +149,8 @@ def test_resyncs_in_the_window_retried_on_backoff_and_on_request(
         run_task(agent, job_id, "prepare resync")
         agent.post("/v1/agent/vms/web1/transition", {"to_state": "resyncing", "reason": "go"})
         agent.post("/v1/agent/vms/web1/cycles", {"session": PRIMARY, "release_lease": False,
-                   "failure": {"message": "network error", "recoverable": True}})  # fmt: skip
+                   "failure": {"message": "connection reset", "error_class": "recoverable",
+                               "cause": "network error"}})  # fmt: skip
         agent.post(f"/v1/agent/jobs/{job_id}/tasks/compare and send blocks",
                    {"action": "fail", "error": "network error"})  # fmt: skip
         agent.post(f"/v1/agent/jobs/{job_id}/release", {"session": PRIMARY})

@@ -16,11 +16,11 @@ from typing import Any
 import platformdirs
 import pytest
 
+from siterecovery.agent.embedded import EmbeddedAgent
 from siterecovery.hypervisor.guest import GuestImage, build_guest, guest_cmdline, make_disk
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec, live_processes
 from siterecovery.recovery.failover import FailoverService
 from siterecovery.recovery.replica import RecoveryHost
-from siterecovery.replication.protection import ProtectionService
 from siterecovery.store.keys import StoreKeys
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.vault import service
@@ -39,7 +39,7 @@ class Site:
     store: ReplicaStore
     key_file: Path
     guest: GuestImage
-    protection: ProtectionService
+    protection: EmbeddedAgent
     failover: FailoverService
     primaries: dict[str, QemuProcess]
 
@@ -66,7 +66,7 @@ def site(tmp_path: Path, guest_image: GuestImage) -> Iterator[Site]:
         host=RecoveryHost(memory_mib=4096, max_parallel=2),
     )  # fmt: skip
     s = Site(root, db, store, root / "store.key", guest_image,
-             ProtectionService(db, store, root / "run"), failover, {})  # fmt: skip
+             EmbeddedAgent(db, store, root / "run"), failover, {})  # fmt: skip
     yield s
     for proc in live_processes():
         proc.stop()

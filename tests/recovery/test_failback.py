@@ -21,6 +21,7 @@ from siterecovery.recovery.failback import FailbackMethod, FailbackService
 from siterecovery.recovery.failover import FailoverOptions
 from siterecovery.recovery.replica import RecoveryMode
 from siterecovery.vault import jobs, points, service
+from siterecovery.vault.errors import InvalidTransition
 from siterecovery.vault.records import JobRecord
 
 from .conftest import Site
@@ -192,6 +193,6 @@ def test_failback_refusals_change_nothing(
     assert _state(site, "vm-fr") == S.PROTECTED
     with pytest.raises(InputError, match="not failed back"):
         fb.commit("vm-fr")
-    with pytest.raises(InputError, match="reverse replication"):
+    with pytest.raises(InvalidTransition, match="reverse replication"):
         site.protection.reverse_replicate("vm-fr")
     assert _state(site, "vm-fr") == S.PROTECTED and primary.alive()

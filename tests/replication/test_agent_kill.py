@@ -3,7 +3,7 @@
 For each named step of a cycle (:data:`~siterecovery.replication.engine.CYCLE_STEPS`), a child
 process runs a delta cycle of the VM through the real path and stops at that step (its step
 hook signals the test and sleeps); the test SIGKILLs it there, writes more, and runs the next
-cycle in-process through :class:`ProtectionService`. That point must restore byte for byte to
+cycle in-process through :class:`EmbeddedAgent`. That point must restore byte for byte to
 the model, and QEMU must hold no export, job, fleecing node or extra bitmap of the dead cycle.
 """
 

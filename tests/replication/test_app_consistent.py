@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.agent.embedded import EmbeddedAgent
 from siterecovery.domain import Consistency
 from siterecovery.hypervisor.errors import QmpError
 from siterecovery.hypervisor.guest import build_guest, guest_cmdline, make_disk, make_ext4_disk
 from siterecovery.hypervisor.guestagent import GuestAgent, GuestAgentUnavailable
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec, probe_accel
 from siterecovery.hypervisor.tracking import ChangeTracker
-from siterecovery.replication.protection import ProtectionService
 from siterecovery.store.keys import StoreKeys
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.vault import points, service
@@ -46,7 +46,7 @@ class AgentRig:
     db: Database
     clock: Clock
     store: ReplicaStore
-    protection: ProtectionService
+    protection: EmbeddedAgent
 
     @property
     def qga(self) -> Path:
@@ -70,7 +70,7 @@ class AgentRig:
         return dest
 
 
-def _vault(workdir: Path, app_h: int) -> tuple[Database, Clock, ReplicaStore, ProtectionService]:
+def _vault(workdir: Path, app_h: int) -> tuple[Database, Clock, ReplicaStore, EmbeddedAgent]:
     clock = Clock()
     db = open_database(f"sqlite:///{workdir / 'vault.db'}", clock=clock)
     service.ensure_site(db, name="primary", role=SiteRole.PRIMARY)
@@ -79,7 +79,7 @@ def _vault(workdir: Path, app_h: int) -> tuple[Database, Clock, ReplicaStore, Pr
         db, name="app", copy_frequency_s=30, retention_h=24, app_consistent_h=app_h
     )
     store = ReplicaStore.init(f"file://{workdir / 'store'}", StoreKeys.generate())
-    return db, clock, store, ProtectionService(db, store, workdir / "run")
+    return db, clock, store, EmbeddedAgent(db, store, workdir / "run")
 
 
 def _wait_agent(path: Path, timeout: float = 60) -> None:

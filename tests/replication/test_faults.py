@@ -23,13 +23,13 @@ import pytest
 
 from siterecovery.domain import Health
 from siterecovery.domain import ReplicationState as S
+from siterecovery.policies.schedule import Action
+from siterecovery.policies.states import ErrorClass
 from siterecovery.replication.runner import Runner
-from siterecovery.replication.scheduler import Action
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.store.s3 import S3Backend
 from siterecovery.vault import points, service
 from siterecovery.vault.records import ReplicatedVmRecord
-from siterecovery.vault.states import ErrorClass
 
 from .test_resync import MiB, VmRig, make_rig
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.agent.embedded import EmbeddedAgent
 from siterecovery.hypervisor.guest import parse_console
-from siterecovery.replication.protection import ProtectionService
 from siterecovery.replication.runner import Runner
 from siterecovery.store.keys import StoreKeys
 from siterecovery.store.repository import ReplicaStore
@@ -52,7 +52,7 @@ def test_long_run_points_rpo_and_memory(tmp_path: Path, monkeypatch: pytest.Monk
         service.ensure_host(db, name="h1", site="primary")
         service.create_policy(db, name="p", copy_frequency_s=COPY_FREQUENCY_S, retention_h=24)
         store = ReplicaStore.init(f"file://{tmp_path / 'store'}", StoreKeys.generate())
-        protection = ProtectionService(db, store, tmp_path / "run")
+        protection = EmbeddedAgent(db, store, tmp_path / "run")
         protection.register_vm(host="h1", name="g1", qmp_path=vm.qmp_path, config={})
         protection.enable_protection("g1", "p")
         runner = Runner(protection)

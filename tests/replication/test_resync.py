@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from siterecovery.agent.embedded import EmbeddedAgent
 from siterecovery.domain import Health
 from siterecovery.domain import ReplicationState as S
 from siterecovery.hypervisor.errors import BitmapError
@@ -32,7 +33,6 @@ from siterecovery.hypervisor.nbd import NbdClient
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec, qmp_execute
 from siterecovery.hypervisor.tracking import ChangeTracker, CycleView
 from siterecovery.replication.errors import ChangeLogTooLarge
-from siterecovery.replication.protection import RESYNC_TASKS, ProtectionService
 from siterecovery.replication.resync import BLOCK
 from siterecovery.store.keys import StoreKeys
 from siterecovery.store.repository import ReplicaStore
@@ -40,6 +40,7 @@ from siterecovery.vault import points, service
 from siterecovery.vault.db import Database, open_database
 from siterecovery.vault.errors import VmNotProtected
 from siterecovery.vault.models import SiteRole
+from siterecovery.vault.operations import RESYNC_TASKS
 
 pytestmark = pytest.mark.qemu
 
@@ -69,7 +70,7 @@ class VmRig:
     db: Database
     clock: Clock
     store: ReplicaStore
-    protection: ProtectionService
+    protection: EmbeddedAgent
     keys: StoreKeys
     vm: QemuProcess | None = None
     sizes: dict[str, int] = field(default_factory=lambda: dict(SIZES))
@@ -184,7 +185,7 @@ def make_rig(
     service.create_policy(db, name="gold", copy_frequency_s=30, retention_h=24)
     keys = StoreKeys.generate()
     store = ReplicaStore.init(store_url or f"file://{workdir / 'store'}", keys)
-    protection = ProtectionService(db, store, workdir / "run", **options)  # type: ignore[arg-type]
+    protection = EmbeddedAgent(db, store, workdir / "run", **options)  # type: ignore[arg-type]
     rig = VmRig(workdir, db, clock, store, protection, keys, sizes=dict(sizes or SIZES))
     rig.vmdir.mkdir(exist_ok=True)
     for disk, size in rig.sizes.items():

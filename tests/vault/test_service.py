@@ -9,6 +9,7 @@ import pytest
 
 from siterecovery.domain import Consistency, DiskSpec, Health, ReplicationState
 from siterecovery.errors import InputError, NotFoundError
+from siterecovery.policies.states import ErrorClass
 from siterecovery.vault import service
 from siterecovery.vault.db import Database
 from siterecovery.vault.errors import (
@@ -21,7 +22,6 @@ from siterecovery.vault.errors import (
     VmNotProtected,
 )
 from siterecovery.vault.models import SiteRole
-from siterecovery.vault.states import ErrorClass
 
 from .conftest import START, FakeClock
 

@@ -9,10 +9,10 @@ import pytest
 
 from siterecovery.domain import DiskSpec, Health, ReplicationState
 from siterecovery.errors import InputError
+from siterecovery.policies.states import TRANSITIONS, allowed_transitions
 from siterecovery.vault import service
 from siterecovery.vault.db import Database
 from siterecovery.vault.errors import InvalidTransition, UnknownVm, VmNotProtected
-from siterecovery.vault.states import TRANSITIONS, allowed_transitions
 
 S = ReplicationState
 _names = itertools.count()

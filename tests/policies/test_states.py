@@ -9,7 +9,7 @@ import pytest
 
 from siterecovery.domain import Health, ReplicationState
 from siterecovery.errors import InputError
-from siterecovery.vault.states import (
+from siterecovery.policies.states import (
     TRANSITIONS,
     ErrorClass,
     allowed_transitions,

@@ -26,6 +26,9 @@ Two pure pieces, used by every replication path (cycles, initial copy, resync):
 :func:`retry_delay` / :func:`next_retry_at`
     the backoff schedule: after the 1st, 2nd, 3rd, 4th, 5th failed attempt wait **1, 2, 4,
     8, 10 minutes**; after every later one **30 minutes**, for as long as the error lasts.
+
+:func:`state_after`
+    where a diagnosed failure moves a replicated VM (the vault applies it to every report).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from siterecovery.domain import ReplicationState
 from siterecovery.errors import SiteRecoveryError
 from siterecovery.hypervisor.errors import BitmapError, NbdError, QmpError, VmNotFound
+from siterecovery.policies.states import REPLICATING_STATES, ErrorClass
 from siterecovery.replication.errors import (
     ChangeLogTooLarge,
     DiskLayoutChanged,
@@ -53,7 +58,6 @@ from siterecovery.store.errors import (
 )
 from siterecovery.store.wrappers import ContainerNotFound, StoreAuthError
 from siterecovery.vault.errors import UnknownVm
-from siterecovery.vault.states import ErrorClass
 
 #: Minutes to wait after the n-th failed attempt (n = 1..5); then :data:`STEADY_MINUTES`.
 BACKOFF_MINUTES = (1, 2, 4, 8, 10)
@@ -191,3 +195,37 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__
+
+
+S = ReplicationState
+
+
+def state_after(state: ReplicationState, diagnosis: Diagnosis) -> ReplicationState | None:
+    """The state a failure diagnosed as ``diagnosis`` moves a VM in ``state`` to (None: stay).
+
+    =========================================  ==============================================
+    failure                                    from → to
+    =========================================  ==============================================
+    only a resync fixes it                     a replicating state or *error* → *resync
+                                               required*
+    non-recoverable                            a replicating state or *enabling protection*
+                                               → *error* (``siterecovery resync VM`` or
+                                               ``unprotect VM`` get out of it)
+    recoverable, during a resync               *resyncing* → *resync required* (retried in
+                                               the window)
+    recoverable                                stays, retried on the backoff schedule
+    any, during a drill                        stays *test failover running*: the error is
+                                               recorded (a non-recoverable one stops cycles)
+                                               and the drill keeps its way out (cleanup);
+                                               the next cycle after it finds the cause again
+    =========================================  ==============================================
+    """
+    if state == S.TEST_FAILOVER_RUNNING:
+        return None
+    if diagnosis.resync and state in REPLICATING_STATES | {S.ERROR}:
+        return S.RESYNC_REQUIRED
+    if not diagnosis.recoverable and state in REPLICATING_STATES | {S.ENABLING_PROTECTION}:
+        return S.ERROR
+    if state == S.RESYNCING:
+        return S.RESYNC_REQUIRED
+    return None

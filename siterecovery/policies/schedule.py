@@ -11,9 +11,11 @@ state / last error             due
                                is retried on the same backoff schedule, inside the window)
 *error*, or a non-recoverable  nothing: an operator must act (fix the cause, then
 last error                     ``siterecovery resync VM``)
-*protected*, recoverable       **retry** at ``next_retry_at`` (the backoff schedule of
-error being retried            :mod:`siterecovery.replication.retry`)
-*protected*                    **cycle** one copy interval after the last cycle (now if none)
+*protected* or *test failover  **retry** at ``next_retry_at`` (the backoff schedule of
+running*, recoverable error    :mod:`siterecovery.policies.retry`)
+being retried
+*protected* or *test failover  **cycle** one copy interval after the last cycle (now if none):
+running*                       replication never stops for a drill (DESIGN §5)
 *initial replication*, with a  **retry** of the initial copy at ``next_retry_at``
 recoverable error
 anything else                  nothing (enabling, resyncing, failover phases...)
@@ -32,9 +34,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from siterecovery.domain import ReplicationState
-from siterecovery.vault.states import ErrorClass, in_window, parse_window
+from siterecovery.policies.states import ErrorClass, in_window, parse_window
 
 S = ReplicationState
+
+#: States in which scheduled cycles run: a drill does not stop replication (DESIGN §5).
+CYCLING_STATES = frozenset({S.PROTECTED, S.TEST_FAILOVER_RUNNING})
 
 #: Default resync trigger: the pending change of a disk exceeds this fraction of its size.
 RESYNC_THRESHOLD = 0.5
@@ -85,7 +90,7 @@ def decide(vm: VmSchedule, now: datetime) -> Due:
     retrying = vm.error_class == ErrorClass.RECOVERABLE and vm.next_retry_at is not None
     if vm.state == S.INITIAL_REPLICATION and retrying:
         return Due(Action.RETRY, vm.next_retry_at, "retrying the initial copy")
-    if vm.state != S.PROTECTED:
+    if vm.state not in CYCLING_STATES:
         return Due(Action.NONE, None, f"no replication work in state '{vm.state}'")
     if retrying:
         return Due(Action.RETRY, vm.next_retry_at, "retrying after a recoverable error")

@@ -9,8 +9,9 @@ import pytest
 
 from siterecovery.errors import InputError, SiteRecoveryError
 from siterecovery.hypervisor.errors import BitmapError, NbdError, QmpError, VmNotFound
+from siterecovery.policies.retry import classify, diagnose, next_retry_at, retry_delay
+from siterecovery.policies.states import ErrorClass
 from siterecovery.replication.errors import ChangeLogTooLarge, DiskLayoutChanged
-from siterecovery.replication.retry import classify, diagnose, next_retry_at, retry_delay
 from siterecovery.store.errors import (
     FormatError,
     IntegrityError,
@@ -21,7 +22,6 @@ from siterecovery.store.errors import (
 )
 from siterecovery.store.wrappers import ContainerNotFound, StoreAuthError
 from siterecovery.vault.errors import DatabaseUnavailable, UnknownVm
-from siterecovery.vault.states import ErrorClass
 
 R, N = ErrorClass.RECOVERABLE, ErrorClass.NON_RECOVERABLE
 

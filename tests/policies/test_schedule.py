@@ -7,14 +7,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from siterecovery.domain import ReplicationState as S
-from siterecovery.replication.scheduler import (
+from siterecovery.policies.schedule import (
     Action,
     VmSchedule,
     decide,
     next_in_window,
     over_threshold,
 )
-from siterecovery.vault.states import ErrorClass
+from siterecovery.policies.states import ErrorClass
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 WINDOW = "18:30-06:00"
@@ -48,6 +48,10 @@ def vm(state: S = S.PROTECTED, **kw: object) -> VmSchedule:
         (vm(S.INITIAL_REPLICATION), Action.NONE, None),
         (vm(S.RESYNCING), Action.NONE, None),
         (vm(S.FAILED_OVER), Action.NONE, None),
+        # A drill never stops replication (DESIGN §5): cycles and retries go on.
+        (vm(S.TEST_FAILOVER_RUNNING, last_cycle_at=at(11, 58)), Action.CYCLE, at(12, 3)),
+        (vm(S.TEST_FAILOVER_RUNNING, error_class=ErrorClass.RECOVERABLE,
+            next_retry_at=at(12, 4)), Action.RETRY, at(12, 4)),
     ],
 )
 def test_decide_table(schedule: VmSchedule, action: Action, due_at: datetime | None) -> None:

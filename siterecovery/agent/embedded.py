@@ -1,0 +1,188 @@
+"""The embedded default's door: an operator's command runs the agent's own code, in-process.
+
+With no vault API configured, siterecovery opens the vault database of the work directory
+directly. Each operator verb then does exactly what the two processes of service mode would
+do, in one process and through the same code:
+
+1. the **vault side** records the request (``service.protect``, ``operations.request_resync``,
+   ``operations.request_reverse``, ``service.unprotect``) — the function behind the API's
+   operator route;
+2. the work is **leased** to this process's agent session for the VM's own host
+   (:func:`siterecovery.vault.work.lease_vm`), so a running ``agent run``/``up`` on the
+   same vault never works on the VM at the same time;
+3. the **agent side** runs it: the same service method the worker calls for claimed work
+   (:class:`~siterecovery.replication.protection.ProtectionService` through a
+   :class:`~siterecovery.vault.port.LocalVaultPort`), under the worker's lease keeping.
+
+Only the door is local: there is no second implementation of any operation.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from siterecovery.agent.worker import Worker
+from siterecovery.domain import ReplicationState
+from siterecovery.errors import InputError
+from siterecovery.policies.schedule import RESYNC_THRESHOLD
+from siterecovery.replication.engine import CycleResult, Progress
+from siterecovery.replication.jobrun import JobDriver, JobListener
+from siterecovery.replication.protection import discovered_vm
+from siterecovery.replication.resync import ResyncResult
+from siterecovery.store.repository import ReplicaStore
+from siterecovery.vault import operations, service, work
+from siterecovery.vault.db import Database
+from siterecovery.vault.port import LocalVaultPort
+from siterecovery.vault.records import JobRecord, ReplicatedVmRecord, VmRecord
+from siterecovery.vault.work import WorkItem
+
+S = ReplicationState
+#: The embedded door's lease: long enough that a slow initial copy is not handed to an agent
+#: that runs beside it; the worker extends it every third of its length anyway.
+LEASE_S = 600
+
+
+class EmbeddedAgent:
+    """Runs operator verbs in this process against the local vault (see the module doc)."""
+
+    def __init__(
+        self,
+        db: Database,
+        store: ReplicaStore,
+        run_dir: Path,
+        *,
+        recovery_dir: Path | None = None,
+        key_file: Path | None = None,
+        accel: str = "tcg",
+        on_job: JobListener | None = None,
+        progress: Progress | None = None,
+        resync_threshold: float = RESYNC_THRESHOLD,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.run_dir = run_dir
+        self.recovery_dir = recovery_dir
+        self.key_file = key_file
+        self.accel = accel
+        self.on_job = on_job
+        self.progress = progress
+        self.resync_threshold = resync_threshold
+        self.session = str(uuid.uuid4())
+
+    # -- inventory -------------------------------------------------------------------------
+
+    def register_vm(
+        self,
+        *,
+        host: str,
+        name: str,
+        qmp_path: Path,
+        config: dict[str, Any],
+        qga_path: Path | None = None,
+    ) -> VmRecord:
+        """Record the VM reachable at ``qmp_path`` on ``host`` (as its agent's discovery would).
+
+        Refused by the vault (Conflict, nothing changes) when the VM is protected and this
+        would re-point it at another VM (:func:`siterecovery.vault.service.upsert_vm`).
+        """
+        found = discovered_vm(name, qmp_path, config, qga_path)
+        return service.upsert_vm(self.db, host=host, name=found.name, config=found.config,
+                                 disks=found.disks)  # fmt: skip
+
+    # -- protection ------------------------------------------------------------------------
+
+    def enable_protection(self, vm: str, policy: str) -> tuple[JobRecord, CycleResult]:
+        """Request protection of ``vm`` and run the enable protection job now; the finished
+        job and the initial copy."""
+        job = service.protect(self.db, vm=vm, policy=policy).job
+        worker, item = self._lease(vm, job.id)
+        with worker.leased(item) as driver:
+            assert driver is not None
+            result = worker.protection.enable_protection(item, driver)
+        assert result is not None  # a new job always makes its initial copy
+        return driver.record, result
+
+    def replicate(self, vm: str) -> CycleResult:
+        """One cycle of ``vm`` now (or the retried initial copy)."""
+        worker, item = self._lease(vm, None)
+        with worker.leased(item):
+            return worker.protection.cycle(item)
+
+    def require_resync(self, vm: str, reason: str) -> ReplicatedVmRecord:
+        """Mark ``vm`` *resync required* (``store verify`` found damage); idempotent. The
+        resync then runs in the policy's window, or now with :meth:`resync`."""
+        current = service.get_protection(self.db, vm=vm)
+        if current.state == S.RESYNC_REQUIRED:
+            return current
+        return service.transition(self.db, vm=vm, to_state=S.RESYNC_REQUIRED, reason=reason)
+
+    def resync(
+        self, vm: str, *, full: bool = False, reason: str = "requested by the operator"
+    ) -> tuple[JobRecord, ResyncResult | None]:
+        """Request a resync of ``vm`` and run it now; the finished job and its figures.
+
+        An interrupted resync job is resumed instead; its result is None when that job had
+        sent the blocks already (its figures are in the job's *compare and send blocks* task).
+        """
+        job = self._open_job(vm, operations.RESYNC)
+        if job is None:
+            job = operations.request_resync(self.db, vm=vm, reason=reason, full=full)
+        worker, item = self._lease(vm, job.id)
+        with worker.leased(item) as driver:
+            assert driver is not None
+            result = worker.protection.resync(item, driver)
+        return driver.record, result
+
+    def reverse_replicate(self, vm: str) -> tuple[JobRecord, ResyncResult]:
+        """Request the reverse replication of ``vm`` (failback committed) and run it now."""
+        job = operations.request_reverse(self.db, vm=vm)
+        worker, item = self._lease(vm, job.id)
+        with worker.leased(item) as driver:
+            assert driver is not None
+            result = worker.protection.reverse_replicate(item, driver)
+        assert result is not None  # a new job always sends its blocks
+        return driver.record, result
+
+    def unprotect(self, vm: str) -> JobRecord:
+        """Disable protection of ``vm`` and run the disable protection job now."""
+        job = service.unprotect(self.db, vm=vm)
+        worker, item = self._lease(vm, job.id)
+        with worker.leased(item) as driver:
+            assert driver is not None
+            worker.protection.disable_protection(item, driver)
+        return driver.record
+
+    def run_job(self, job: JobRecord) -> JobRecord:
+        """Run an open job of the vault (requested earlier) in this process to its end."""
+        if job.vm is None:
+            raise InputError(f"job {job.id} has no VM to run it for")
+        worker, item = self._lease(job.vm, job.id)
+        worker.run_or_raise(item)
+        return JobDriver(worker.vault, job.id).record
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _lease(self, vm: str, job_id: str | None) -> tuple[Worker, WorkItem]:
+        host = service.get_vm(self.db, name=vm).host
+        item = work.lease_vm(self.db, host=host, session=self.session, vm=vm, job_id=job_id,
+                             lease_s=LEASE_S)  # fmt: skip
+        return self._worker(host), item
+
+    def _worker(self, host: str) -> Worker:
+        port = LocalVaultPort(self.db, host=host, session=self.session)
+        worker = Worker(port, self.store, self.run_dir, lease_s=LEASE_S, key_file=self.key_file,
+                        recovery_dir=self.recovery_dir, accel=self.accel, on_job=self.on_job,
+                        progress=self.progress)  # fmt: skip
+        worker.protection.resync_threshold = self.resync_threshold
+        return worker
+
+    def _open_job(self, vm: str, kind: str) -> JobRecord | None:
+        """The open job of ``kind`` of ``vm`` (an interrupted one to finish), if any."""
+        from siterecovery.vault import jobs
+
+        for job in jobs.list_jobs(self.db, vm=vm, limit=20):
+            if job.kind == kind and job.state in operations.OPEN:
+                return job
+        return None
