@@ -164,6 +164,10 @@ class EmbeddedAgent:
 
     # -- internals -------------------------------------------------------------------------
 
+    def worker_of(self, item: WorkItem) -> Worker:
+        """The worker of the host of ``item``'s VM, on this process's agent session."""
+        return self._worker(service.get_vm(self.db, name=item.vm).host)
+
     def _lease(self, vm: str, job_id: str | None) -> tuple[Worker, WorkItem]:
         host = service.get_vm(self.db, name=vm).host
         item = work.lease_vm(self.db, host=host, session=self.session, vm=vm, job_id=job_id,

@@ -73,12 +73,12 @@ def register_resync_commands(app: typer.Typer, get_env: GetEnv) -> None:
         ] = True,
     ) -> None:
         """Run due cycles, retries and resyncs on each policy's schedule, in the foreground."""
+        from siterecovery.agent.loop import Outcome, Runner
         from siterecovery.replication.maintenance import (
             Maintenance,
             MaintenanceOutcome,
             MaintenancePlan,
         )
-        from siterecovery.replication.runner import Outcome, Runner
 
         tick_s = parse_duration(tick, what="tick")
         if not 1 <= tick_s <= 900:
@@ -99,7 +99,6 @@ def register_resync_commands(app: typer.Typer, get_env: GetEnv) -> None:
             output.err.print(f"store {done.operation} {done.vm or ''} {mark}: {done.summary}")
 
         if once:
-            runner.resume_interrupted()
             outcomes = runner.run_due()
             for outcome in outcomes:
                 report(outcome)

@@ -81,6 +81,8 @@ class WorkItem:
     """Quiesce the guest for this cycle (the policy's app-consistent frequency is due)."""
     limit_bps: int | None = None
     """The policy's bandwidth limit at claim time (work or off-hours), bytes/s; None: none."""
+    retry: bool = False
+    """A cycle that retries a failed attempt (the seed's backoff), not a scheduled one."""
 
 
 def claim_work(
@@ -114,7 +116,8 @@ def claim_work(
                                                 trigger="resync window")  # fmt: skip
                 _take(txn, items, host_row, row.vm, now, session, lease_s, job=job)
             else:
-                _take(txn, items, host_row, row.vm, now, session, lease_s, replicated=row)
+                _take(txn, items, host_row, row.vm, now, session, lease_s, replicated=row,
+                      retry=action == Action.RETRY)  # fmt: skip
         return items
 
 
@@ -161,8 +164,7 @@ def _due_replication(
     )
     query = (
         query
-        .where(Vm.host_id == host.id,
-               ReplicatedVm.state.in_([*sorted(CYCLING_STATES), S.RESYNC_REQUIRED]))
+        .where(Vm.host_id == host.id, ReplicatedVm.state.in_(_SCHEDULED))
         .where(or_(ReplicatedVm.next_retry_at.is_(None), ReplicatedVm.next_retry_at <= now))
         .where(~blocked.exists())
         .order_by(ReplicatedVm.last_cycle_at.is_not(None), ReplicatedVm.last_cycle_at)
@@ -174,6 +176,10 @@ def _due_replication(
         if decision.ready(now) and decision.action != Action.NONE:
             due.append((row, decision.action))
     return due
+
+
+#: States the scheduler looks at: cycles, a retried initial copy, resyncs in the window.
+_SCHEDULED = [*sorted(CYCLING_STATES), S.INITIAL_REPLICATION, S.RESYNC_REQUIRED]
 
 
 def _schedule_of(row: ReplicatedVm) -> VmSchedule:
@@ -196,6 +202,7 @@ def _take(
     job: Job | None = None,
     replicated: ReplicatedVm | None = None,
     force: bool = False,
+    retry: bool = False,
 ) -> None:
     lease = txn.get(WorkLease, vm.id)
     if not force and lease is not None and lease.session == session and lease.expires_at > now:
@@ -223,6 +230,7 @@ def _take(
             details=dict(job.details) if job else {},
             app_consistent=quiesce,
             limit_bps=limit,
+            retry=retry,
         )
     )
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.agent.loop import Runner
 from siterecovery.domain import Health
 from siterecovery.domain import ReplicationState as S
 from siterecovery.policies.schedule import Action
 from siterecovery.policies.states import ErrorClass
-from siterecovery.replication.runner import Runner
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.store.s3 import S3Backend
 from siterecovery.vault import points, service

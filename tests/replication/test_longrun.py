@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from siterecovery.agent.embedded import EmbeddedAgent
+from siterecovery.agent.loop import Runner
 from siterecovery.hypervisor.guest import parse_console
-from siterecovery.replication.runner import Runner
 from siterecovery.store.keys import StoreKeys
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.vault import service

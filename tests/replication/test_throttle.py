@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.agent.loop import MemoryBudget
 from siterecovery.errors import InputError
 from siterecovery.policies.schedule import MBPS, app_consistent_due, bandwidth_limit
-from siterecovery.replication.runner import MemoryBudget
 from siterecovery.vault import points, service
 
 from .test_resync import MiB, make_rig
