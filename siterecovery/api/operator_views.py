@@ -132,6 +132,14 @@ def unprotect(vm: str, db: Database = DB, _: Principal = OPERATOR) -> JobRecord:
     return service.unprotect(db, vm=vm)
 
 
+@router.post("/vms/{vm}/reverse-replicate", response_model=JobRecord, status_code=202,
+             tags=["protection"])  # fmt: skip
+def reverse_replicate(vm: str, db: Database = DB, _: Principal = OPERATOR) -> JobRecord:
+    """Protect a failed-back VM again (its failback committed): the pending job, which the
+    VM's agent runs (only the blocks that differ from the newest point are sent)."""
+    return operations.request_reverse(db, vm=vm)
+
+
 @router.post("/vms/{vm}/failover", response_model=JobRecord, status_code=202, tags=["recovery"])
 def failover(
     vm: str, body: FailoverRequest, db: Database = DB, _: Principal = OPERATOR

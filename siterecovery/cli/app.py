@@ -299,6 +299,24 @@ def protect(
 
 
 @app.command()
+def unprotect(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="A protected VM.")],
+    json_out: JsonFlag = False,
+) -> None:
+    """Disable protection: stop change tracking and forget the VM's recovery point records.
+
+    The replica data is left to the store's retention and garbage collection. Refused while
+    a job of the VM runs or a failover is in progress. Embedded: runs the job now; through
+    the vault API: queues it for the VM's agent.
+    """
+    job = _env(ctx).vault().unprotect(vm)
+    if json_out:
+        return output.print_json(job)
+    output.print_job(job)
+
+
+@app.command()
 def replicate(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="A protected VM.")],

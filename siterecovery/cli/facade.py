@@ -28,6 +28,7 @@ from siterecovery.cli.output import to_jsonable
 from siterecovery.errors import InputError, NotFoundError
 
 if TYPE_CHECKING:
+    from siterecovery.agent.embedded import EmbeddedAgent
     from siterecovery.api.client import VaultClient
     from siterecovery.cli.context import Env
 
@@ -47,6 +48,14 @@ class VaultFacade(Protocol):
     def list_policies(self) -> list[Doc]: ...
     def protect(self, vm: str, policy: str) -> tuple[Doc, str | None]:
         """The enable protection job and, when it ran here, a summary of the initial copy."""
+        ...
+
+    def unprotect(self, vm: str) -> Doc:
+        """The disable protection job (finished when it ran here, else pending)."""
+        ...
+
+    def reverse_replicate(self, vm: str) -> tuple[Doc, Doc]:
+        """The reverse replication job and its figures (empty when an agent runs it later)."""
         ...
 
     def status(self, vm: str | None) -> list[Doc]: ...
@@ -170,6 +179,12 @@ class RemoteVault:
     def protect(self, vm: str, policy: str) -> tuple[Doc, str | None]:
         return dict(self._post(f"/v1/vms/{vm}/protect", {"policy": policy})), None
 
+    def unprotect(self, vm: str) -> Doc:
+        return dict(self._post(f"/v1/vms/{vm}/unprotect"))
+
+    def reverse_replicate(self, vm: str) -> tuple[Doc, Doc]:
+        return dict(self._post(f"/v1/vms/{vm}/reverse-replicate")), {}
+
     def status(self, vm: str | None) -> list[Doc]:
         return list(self._get("/v1/status", vm=vm))
 
@@ -236,6 +251,21 @@ class LocalVault:
                    f"{size(result.bytes_shipped)} stored in {result.duration_s:.2f} s; "
                    f"recovery point {result.point.point_id}")  # fmt: skip
         return _doc(job), summary
+
+    def _agent(self) -> EmbeddedAgent:
+        from siterecovery.agent.embedded import EmbeddedAgent
+
+        env = self.env
+        return EmbeddedAgent(env.db(), env.store(), env.settings.run_dir,
+                             recovery_dir=env.settings.recovery_dir,
+                             key_file=env.settings.key_file)  # fmt: skip
+
+    def unprotect(self, vm: str) -> Doc:
+        return _doc(self._agent().unprotect(vm))
+
+    def reverse_replicate(self, vm: str) -> tuple[Doc, Doc]:
+        job, result = self._agent().reverse_replicate(vm)
+        return _doc(job), {**result.figures(), "point": result.point.point_id}
 
     def status(self, vm: str | None) -> list[Doc]:
         from siterecovery.vault import work

@@ -95,19 +95,24 @@ def register_failback_commands(app: typer.Typer, get_env: GetEnv) -> None:
         vm: Annotated[str, typer.Argument(help="A VM whose failback is committed.")],
         json_out: JsonFlag = False,
     ) -> None:
-        """Protect the failed-back VM again: ship only what differs from the newest point."""
-        from siterecovery.agent.embedded import EmbeddedAgent
+        """Protect the failed-back VM again: ship only what differs from the newest point.
 
-        env = get_env(ctx)
-        protection = EmbeddedAgent(env.db(), env.store(), env.settings.run_dir)
-        job, result = protection.reverse_replicate(vm)
+        Embedded: runs the job now. Through the vault API: queues it for the VM's agent.
+        """
+        job, figures = get_env(ctx).vault().reverse_replicate(vm)
         if json_out:
-            output.print_json({"job": job.id, **result.figures()})
+            output.print_json({"job": job["id"], "state": job["state"], **figures})
+            return
+        if not figures:
+            output.out.print(f"reverse replication job {job['id'][:8]} queued for the agent "
+                             f"of {vm}'s host; follow it with `siterecovery job "
+                             f"{job['id'][:8]}`")  # fmt: skip
             return
         output.out.print(
-            f"reverse replication job {job.id[:8]} [{job.state}]: {result.blocks_compared} "
-            f"blocks compared, {result.blocks_sent} sent ({output.size(result.bytes_sent)}); "
-            f"{vm} is protected, recovery point {result.point.point_id}"
+            f"reverse replication job {job['id'][:8]} [{job['state']}]: "
+            f"{figures['blocks_compared']} blocks compared, {figures['blocks_sent']} sent "
+            f"({output.size(figures['bytes_sent'])}); {vm} is protected, recovery point "
+            f"{figures['point']}"
         )
 
 

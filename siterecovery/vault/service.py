@@ -26,7 +26,13 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from siterecovery.domain import COPY_FREQUENCIES_S, DiskSpec, ReplicationState, validate_name
+from siterecovery.domain import (
+    COPY_FREQUENCIES_S,
+    DiskSpec,
+    JobState,
+    ReplicationState,
+    validate_name,
+)
 from siterecovery.errors import InputError
 from siterecovery.policies.states import (
     ErrorClass,
@@ -54,6 +60,7 @@ from siterecovery.vault.jobs import (
 from siterecovery.vault.models import (
     Disk,
     Host,
+    Job,
     Policy,
     RecoveryPoint,
     ReplicatedVm,
@@ -414,13 +421,24 @@ def protect(db: Database, /, *, vm: str, policy: str) -> Protection:
 def unprotect(db: Database, /, *, vm: str) -> JobRecord:
     """Disable protection of ``vm``: its replicated VM and recovery point records are removed.
 
-    Allowed when no recovery operation runs (see :data:`states.UNPROTECTABLE_STATES`). Returns
+    Allowed when no recovery operation runs (see :data:`states.UNPROTECTABLE_STATES`) and no
+    job of the VM is open (Conflict naming it). Returns
     a pending *disable protection* job (tasks :data:`DISABLE_PROTECTION_TASKS`) whose details
     carry what the agent needs to clean up: ``relationship_id``, ``policy``, ``disks``.
     """
     with db.transaction() as session:
         row = rows.replicated(session, vm, for_update=True)
         _require_transition(vm, row.state, ReplicationState.UNPROTECTED, "unprotect it")
+        running = session.scalars(
+            select(Job).where(Job.vm_id == row.vm_id,
+                              Job.state.in_([JobState.PENDING, JobState.RUNNING])).limit(1)
+        ).first()  # fmt: skip
+        if running is not None:
+            raise Conflict(
+                f"VM {vm!r} has an open {running.kind} job {running.id}: it cannot be "
+                "unprotected while it runs",
+                hint=f"wait for it to end (`siterecovery job {running.id[:8]}`), then unprotect",
+            )
         details = {
             "relationship_id": row.relationship_id,
             "policy": row.policy.name,
