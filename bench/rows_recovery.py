@@ -176,7 +176,7 @@ def _rto_contender(root: Path, vm: str, mode: str, label: str, role: str) -> Con
         argv=argv,
         prepare=lambda: rto.reset(root),
         collect=collect,
-        note=f"FailoverService.unplanned, {mode}",
+        note=f"EmbeddedFailover.unplanned, {mode}",
     )
 
 
@@ -220,7 +220,7 @@ def failover_row(bench: Bench) -> dict[str, Any]:
         note="The demo guest (host kernel + busybox initramfs, 256 MiB, TCG: no KVM here) "
         "with a 16 MiB system disk and the reference image as data disk (the large one is "
         "the sparse variant: same data, the rest holes), protected into a file:// store, "
-        "primary killed, then FailoverService.unplanned. running = command → the replica's "
+        "primary killed, then EmbeddedFailover.unplanned. running = command → the replica's "
         "QEMU runs (full restore: after every disk was restored and verified); first output "
         "= command → the guest's first serial output; booted = command → SR-BOOTED. Instant "
         f"recovery does not hydrate. {runs} timed runs per contender.",

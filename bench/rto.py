@@ -13,7 +13,7 @@ Timed run (a child process, run by path: it imports only siterecovery)::
 
     python -P bench/rto.py failover --root ROOT --vm NAME --mode instant|full
 
-runs ``FailoverService.unplanned(vm)`` with the recovery mode given (no hydration, so the
+runs ``EmbeddedFailover.unplanned(vm)`` with the recovery mode given (no hydration, so the
 instant replica keeps reading the store) and prints one JSON object::
 
     {"running_s": s, "first_output_s": s, "booted_s": s, "mode": str, "point": str}
@@ -38,11 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from siterecovery.agent.embedded import EmbeddedAgent
+from siterecovery.agent.embedded import EmbeddedAgent, EmbeddedFailover
 from siterecovery.hypervisor.guest import GuestImage, build_guest, guest_cmdline, make_disk
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec
 from siterecovery.recovery import instant
-from siterecovery.recovery.failover import FailoverOptions, FailoverService
+from siterecovery.recovery.failover import FailoverOptions
 from siterecovery.recovery.replica import RecoveryHost, RecoveryMode
 from siterecovery.store.keys import StoreKeys
 from siterecovery.store.repository import ReplicaStore
@@ -125,7 +125,7 @@ def failover(root: Path, vm: str, mode: RecoveryMode) -> dict[str, Any]:
     """One timed unplanned failover of ``vm``; see the module docstring for the figures."""
     db = _db(root)
     try:
-        service_ = FailoverService(
+        service_ = EmbeddedFailover(
             db, _store(root), root / "recovery", key_file=root / "store.key",
             run_dir=root / "run", host=RecoveryHost(memory_mib=4096, max_parallel=2),
         )  # fmt: skip

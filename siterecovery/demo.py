@@ -45,7 +45,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from siterecovery.agent.embedded import EmbeddedAgent
+from siterecovery.agent.embedded import EmbeddedAgent, EmbeddedFailover
 from siterecovery.domain import ReplicationState
 from siterecovery.hypervisor.guest import (
     RECORD_SIZE,
@@ -56,7 +56,6 @@ from siterecovery.hypervisor.guest import (
     parse_console,
 )
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec, probe_accel
-from siterecovery.recovery.failover import FailoverService
 from siterecovery.replication.engine import CycleResult
 from siterecovery.settings import Settings
 from siterecovery.store.keys import StoreKeys
@@ -310,7 +309,7 @@ class Demo:
         self, db: Database, store: ReplicaStore, accel: str
     ) -> tuple[Any, float, Callable[[], str]]:
         self.console.rule("unplanned failover to the latest recovery point")
-        failover = FailoverService(
+        failover = EmbeddedFailover(
             db, store, self.settings.recovery_dir, accel=accel, on_job=self._show_job_change
         )
         started = time.monotonic()

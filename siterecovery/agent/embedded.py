@@ -19,14 +19,21 @@ Only the door is local: there is no second implementation of any operation.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from siterecovery.agent.worker import Worker
-from siterecovery.domain import ReplicationState
-from siterecovery.errors import InputError
+from siterecovery.domain import FailoverKind, ReplicationState
+from siterecovery.errors import InputError, SiteRecoveryError
 from siterecovery.policies.schedule import RESYNC_THRESHOLD
+from siterecovery.recovery.errors import FailoverError
+from siterecovery.recovery.failover import FailoverOptions, FailoverOutcome
+from siterecovery.recovery.replica import DiskProgress, RecoveryHost, ReplicaRecord
 from siterecovery.replication.engine import CycleResult, Progress
 from siterecovery.replication.jobrun import JobDriver, JobListener
 from siterecovery.replication.protection import discovered_vm
@@ -39,6 +46,7 @@ from siterecovery.vault.records import JobRecord, ReplicatedVmRecord, VmRecord
 from siterecovery.vault.work import WorkItem
 
 S = ReplicationState
+T = TypeVar("T")
 #: The embedded door's lease: long enough that a slow initial copy is not handed to an agent
 #: that runs beside it; the worker extends it every third of its length anyway.
 LEASE_S = 600
@@ -59,6 +67,7 @@ class EmbeddedAgent:
         on_job: JobListener | None = None,
         progress: Progress | None = None,
         resync_threshold: float = RESYNC_THRESHOLD,
+        recovery_host: RecoveryHost | None = None,
     ) -> None:
         self.db = db
         self.store = store
@@ -69,7 +78,9 @@ class EmbeddedAgent:
         self.on_job = on_job
         self.progress = progress
         self.resync_threshold = resync_threshold
+        self.recovery_host = recovery_host
         self.session = str(uuid.uuid4())
+        self._workers: dict[str, Worker] = {}
 
     # -- inventory -------------------------------------------------------------------------
 
@@ -175,10 +186,17 @@ class EmbeddedAgent:
         return self._worker(host), item
 
     def _worker(self, host: str) -> Worker:
-        port = LocalVaultPort(self.db, host=host, session=self.session)
-        worker = Worker(port, self.store, self.run_dir, lease_s=LEASE_S, key_file=self.key_file,
-                        recovery_dir=self.recovery_dir, accel=self.accel, on_job=self.on_job,
-                        progress=self.progress)  # fmt: skip
+        """The worker of ``host`` (one per host, kept: its failover service remembers the
+        replica processes it started)."""
+        worker = self._workers.get(host)
+        if worker is None:
+            port = LocalVaultPort(self.db, host=host, session=self.session)
+            worker = self._workers[host] = Worker(
+                port, self.store, self.run_dir, lease_s=LEASE_S, key_file=self.key_file,
+                recovery_dir=self.recovery_dir, accel=self.accel, on_job=self.on_job,
+                recovery_host=self.recovery_host, detach=False,
+            )  # fmt: skip
+        worker.protection.progress = self.progress
         worker.protection.resync_threshold = self.resync_threshold
         return worker
 
@@ -190,3 +208,127 @@ class EmbeddedAgent:
             if job.kind == kind and job.state in operations.OPEN:
                 return job
         return None
+
+
+class EmbeddedFailover:
+    """Failover verbs of the embedded default: the request recorded in the local vault, then
+    the recovery host's work (:class:`~siterecovery.recovery.failover.FailoverService`) run
+    in this process, this host acting as the recovery host. A planned failover runs its
+    three phases (source, recovery, source-finish) one after the other, as the two agents of
+    service mode would."""
+
+    def __init__(
+        self,
+        db: Database,
+        store: ReplicaStore,
+        recovery_dir: Path,
+        *,
+        key_file: Path | None = None,
+        run_dir: Path | None = None,
+        host: RecoveryHost | None = None,
+        accel: str = "tcg",
+        on_job: JobListener | None = None,
+        progress: DiskProgress | None = None,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.progress = progress
+        self.agent = EmbeddedAgent(db, store, run_dir or recovery_dir.parent / "run",
+                                   recovery_dir=recovery_dir, key_file=key_file, accel=accel,
+                                   on_job=on_job, recovery_host=host)  # fmt: skip
+        self.host = self.agent._worker("embedded").recovery.host
+
+    # -- the operations --------------------------------------------------------------------
+
+    def test(self, vm: str, options: FailoverOptions | None = None) -> FailoverOutcome:
+        """A drill: the replica starts on a throw-away overlay in the isolated network;
+        replication keeps running. A failed check fails the job but keeps the drill for
+        inspection (:class:`DrillCheckFailed`); :meth:`cleanup` removes it either way."""
+        return self.failover(vm, FailoverKind.TEST, options or FailoverOptions())
+
+    def planned(self, vm: str, options: FailoverOptions | None = None) -> FailoverOutcome:
+        """Pause the source, ship a final cycle, start the replica from it: zero data loss."""
+        return self.failover(vm, FailoverKind.PLANNED, options or FailoverOptions())
+
+    def unplanned(
+        self, vm: str, *, point_id: str | None = None, append: str | None = None,
+        options: FailoverOptions | None = None,
+    ) -> FailoverOutcome:  # fmt: skip
+        """The primary is lost: start the replica from ``point_id`` (default: the newest)."""
+        opts = options or FailoverOptions()
+        opts = dataclasses.replace(opts, point=point_id or opts.point,
+                                   append=append or opts.append)  # fmt: skip
+        return self.failover(vm, FailoverKind.UNPLANNED, opts)
+
+    def failover(self, vm: str, kind: FailoverKind, options: FailoverOptions) -> FailoverOutcome:
+        """Request a failover of ``kind`` in the vault and run it here to its end."""
+        point = None if kind == FailoverKind.PLANNED else options.point
+        job = operations.request_failover(self.db, vm=vm, kind=kind, point=point,
+                                          options=options.details())  # fmt: skip
+        if kind != FailoverKind.PLANNED:
+            outcome = self._run(vm, job.id, lambda w, i, d: w.recovery.failover(i, d))
+            return _started(outcome, vm)
+        self._run(vm, job.id, lambda w, i, d: w.recovery.source(
+            i, d, lambda: w.protection.final_cycle(i).point.point_id))
+        try:
+            outcome = self._run(vm, job.id, lambda w, i, d: w.recovery.failover(i, d))
+        except SiteRecoveryError:
+            with contextlib.suppress(SiteRecoveryError):  # resumes the source, fails the job
+                self._run(vm, job.id, lambda w, i, d: w.recovery.source_finish(i, d))
+            raise
+        finished = self._run(vm, job.id, lambda w, i, d: w.recovery.source_finish(i, d))
+        started = _started(outcome, vm)
+        started.job = finished
+        return started
+
+    def failover_many(
+        self, vms: Sequence[str], kind: FailoverKind, options: FailoverOptions | None = None
+    ) -> dict[str, FailoverOutcome | SiteRecoveryError]:
+        """Fail several VMs over in parallel, at most ``host.max_parallel`` at a time. Each
+        VM is its own job; one VM's failure does not stop the others."""
+        opts = options or FailoverOptions()
+
+        def one(vm: str) -> FailoverOutcome | SiteRecoveryError:
+            try:
+                return self.failover(vm, kind, opts)
+            except SiteRecoveryError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=max(1, self.host.max_parallel)) as pool:
+            return dict(zip(vms, pool.map(one, vms), strict=True))
+
+    def cleanup(self, vm: str) -> JobRecord:
+        """End the drill of ``vm``: stop its replica, remove its files, back to protected."""
+        job = operations.request_follow_up(self.db, vm=vm, kind=operations.CLEANUP)
+        return self._run(vm, job.id, lambda w, i, d: w.recovery.cleanup(i, d))
+
+    def change_point(self, vm: str, point: str) -> FailoverOutcome:
+        """Restart the failed-over ``vm`` from another point; allowed until commit."""
+        job = operations.request_follow_up(self.db, vm=vm, kind=operations.CHANGE_POINT,
+                                           point=point)  # fmt: skip
+        outcome = self._run(vm, job.id, lambda w, i, d: w.recovery.change_point(i, d))
+        return _started(outcome, vm)
+
+    def commit(self, vm: str) -> JobRecord:
+        """Commit the failover: the replica is the VM now; its point can no longer change."""
+        job = operations.request_follow_up(self.db, vm=vm, kind=operations.COMMIT)
+        return self._run(vm, job.id, lambda w, i, d: w.recovery.commit(i, d))
+
+    def replica(self, vm: str, *, test: bool = False) -> ReplicaRecord | None:
+        """The record of ``vm``'s replica (its drill with ``test``), if any."""
+        return self.agent._worker("embedded").recovery.replica(vm, test=test)
+
+    def _run(self, vm: str, job_id: str, body: Callable[[Worker, WorkItem, JobDriver], T]) -> T:
+        """Lease ``vm`` for its job ``job_id`` (its current phase) and run ``body``."""
+        worker, item = self.agent._lease(vm, job_id)
+        worker.recovery.progress = self.progress
+        with worker.leased(item) as driver:
+            assert driver is not None
+            return body(worker, item, driver)
+
+
+def _started(outcome: FailoverOutcome | None, vm: str) -> FailoverOutcome:
+    if outcome is None:  # only a job resumed from another process has none
+        raise FailoverError(f"the failover of VM {vm} was resumed: its replica was started "
+                            "by another process", hint="see `siterecovery failover status VM`")
+    return outcome

@@ -3,7 +3,7 @@
 The worker is thin on purpose (DESIGN §2, "one core, two doors"): it picks the service method
 for the work's kind, keeps the work's lease alive while it runs, and makes sure every outcome
 reaches the vault. The services (:class:`~siterecovery.replication.protection.ProtectionService`,
-:class:`~siterecovery.agent.failover_tasks.RecoveryWork`) do the work and report through the
+:class:`~siterecovery.recovery.failover.FailoverService`) do the work and report through the
 same :class:`~siterecovery.vault.port.VaultPort` whichever door leased it: ``agent run`` over
 the API, or the embedded commands over the local database.
 
@@ -14,8 +14,8 @@ cycle                          ``protection.cycle`` (or the retried initial copy
 enable / disable protection    ``protection.enable_protection`` / ``disable_protection``
 resynchronize                  ``protection.resync``
 reverse replication            ``protection.reverse_replicate``
-planned failover, source       ``failover_tasks.source_phase`` with ``protection.final_cycle``
-phases
+planned failover, source       ``recovery.source`` with ``protection.final_cycle``, then
+phases                         ``recovery.source_finish`` (the VM's own host)
 test / planned / unplanned     ``recovery.failover`` (recovery hosts)
 failover
 cleanup, change point, commit  ``recovery.cleanup`` / ``change_point`` / ``commit``
@@ -37,6 +37,8 @@ from pathlib import Path
 
 from siterecovery.domain import JobKind
 from siterecovery.errors import InputError, SiteRecoveryError
+from siterecovery.recovery.failover import FailoverService
+from siterecovery.recovery.replica import DiskProgress, RecoveryHost
 from siterecovery.replication.engine import Progress
 from siterecovery.replication.jobrun import JobDriver, JobListener
 from siterecovery.replication.protection import ProtectionService
@@ -48,7 +50,6 @@ log = logging.getLogger("siterecovery.agent")
 
 FAILOVER_KINDS = frozenset({JobKind.TEST_FAILOVER, JobKind.PLANNED_FAILOVER,
                             JobKind.UNPLANNED_FAILOVER})  # fmt: skip
-SOURCE_PHASES = frozenset({"source", "source-finish"})
 
 
 class Worker:
@@ -66,17 +67,20 @@ class Worker:
         accel: str = "tcg",
         on_job: JobListener | None = None,
         progress: Progress | None = None,
+        recovery_host: RecoveryHost | None = None,
+        disk_progress: DiskProgress | None = None,
+        detach: bool = True,
     ) -> None:
-        from siterecovery.agent.failover_tasks import RecoveryWork
-
         self.vault = vault
         self.lease_s = lease_s
         self.on_job = on_job
         self.protection = ProtectionService(vault, store, run_dir, on_job=on_job,
                                             progress=progress)  # fmt: skip
         # Any host can be given failover work: the vault gives it only to recovery hosts.
-        self.recovery = RecoveryWork(vault, store, recovery_dir or run_dir.parent / "recovery",
-                                     key_file=key_file, accel=accel)  # fmt: skip
+        self.recovery = FailoverService(vault, store, recovery_dir or run_dir.parent / "recovery",
+                                        key_file=key_file, host=recovery_host,
+                                        accel=accel, progress=disk_progress,
+                                        detach=detach)  # fmt: skip
 
     def run(self, item: WorkItem) -> None:
         """Run ``item`` to its end; every outcome is reported to the vault, none raised."""
@@ -131,19 +135,16 @@ class Worker:
             JobKind.COMMIT_FAILOVER: r.commit,
         }
 
-    def _failover(self, item: WorkItem, job: JobDriver) -> None:
+    def _failover(self, item: WorkItem, job: JobDriver) -> object:
         """A failover job: its source phases here (planned), the rest on a recovery host."""
-        from siterecovery.agent.failover_tasks import source_finish, source_phase
-        from siterecovery.replication.protection import _qmp_path
-
         phase = item.details.get("phase")
-        if phase not in SOURCE_PHASES:
-            return self.recovery.failover(item, job)
-        qmp = _qmp_path(self.vault.vm(item.vm))
         if phase == "source-finish":
-            return source_finish(job, item, qmp)
-        return source_phase(job, item, qmp,
-                            lambda: self.protection.final_cycle(item).point.point_id)  # fmt: skip
+            return self.recovery.source_finish(item, job)
+        if phase == "source":
+            self.recovery.source(item, job,
+                                 lambda: self.protection.final_cycle(item).point.point_id)
+            return None
+        return self.recovery.failover(item, job)
 
     def _release(self, item: WorkItem) -> None:
         """End the lease after a failure (idempotent: a report may have ended it)."""

@@ -62,8 +62,19 @@ class AssignPolicy(Body):
     policy: Name
 
 
+class DrillCheckIn(Body):
+    """A drill's check: a console line (``serial``) or an exposed TCP port answering."""
+
+    kind: Literal["serial", "port"]
+    pattern: Annotated[str, Field(max_length=1024, pattern=r"^[^\x00]*$")] = ""
+    port: Annotated[int, Field(ge=0, le=65535)] = 0
+    http: bool = True
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+
 class FailoverOptionsIn(Body):
-    """How the recovery agent starts the replica (see ``FailoverOptions``)."""
+    """How the recovery agent starts the replica (see ``FailoverOptions``); ``check`` is a
+    drill's check (test failovers only)."""
 
     mode: Literal["instant", "full"] | None = None
     expose: Annotated[
@@ -71,6 +82,7 @@ class FailoverOptionsIn(Body):
         Field(max_length=16),
     ] = Field(default_factory=list)
     append: Annotated[str, Field(max_length=4096, pattern=r"^[^\x00]*$")] | None = None
+    check: DrillCheckIn | None = None
 
 
 class FailoverRequest(Body):

@@ -304,10 +304,10 @@ class LocalVault:
         )
 
     def follow_up(self, vm: str, operation: str, point: str | None = None) -> Doc:
-        from siterecovery.recovery.failover import FailoverService
+        from siterecovery.agent.embedded import EmbeddedFailover
 
         env = self.env
-        failover = FailoverService(
+        failover = EmbeddedFailover(
             env.db(),
             env.store(),
             env.settings.recovery_dir,

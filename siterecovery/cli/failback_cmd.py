@@ -117,10 +117,10 @@ def register_failback_commands(app: typer.Typer, get_env: GetEnv) -> None:
 
 
 def _service(env: Env, accel: str) -> FailbackService:
+    from siterecovery.agent.embedded import EmbeddedFailover
     from siterecovery.recovery.failback import FailbackService
-    from siterecovery.recovery.failover import FailoverService
 
-    failover = FailoverService(env.db(), env.store(), env.settings.recovery_dir,
+    failover = EmbeddedFailover(env.db(), env.store(), env.settings.recovery_dir,
                                key_file=env.settings.key_file, run_dir=env.settings.run_dir,
                                accel=accel)  # fmt: skip
     return FailbackService(env.db(), failover, accel=accel, detach=True)

@@ -55,10 +55,10 @@ def failover_app_factory(get_env: Callable[[], Env]) -> typer.Typer:
     app.add_typer(net_app, name="network")
 
     def service(accel: str = "tcg") -> Any:
-        from siterecovery.recovery.failover import FailoverService
+        from siterecovery.agent.embedded import EmbeddedFailover
 
         env = get_env()
-        return FailoverService(env.db(), env.store(), env.settings.recovery_dir,
+        return EmbeddedFailover(env.db(), env.store(), env.settings.recovery_dir,
                                key_file=env.settings.key_file, run_dir=env.settings.run_dir,
                                accel=accel)  # fmt: skip
 
@@ -107,25 +107,21 @@ def failover_app_factory(get_env: Callable[[], Env]) -> typer.Typer:
             names += [r["vm"] for r in facade.status(None) if r["vm"] not in names]
         if not names:
             raise InputError("name the VMs to fail over, or pass --all")
-        if facade.remote:
-            if check_serial is not None or check_port is not None:
-                raise InputError("drill checks run only with the embedded vault",
-                                 hint="leave out --check-serial/--check-port")  # fmt: skip
-            options: dict[str, Any] = {"expose": list(expose or [])}
-            options |= {"mode": "full"} if full_restore else {}
-            options |= {"append": append} if append is not None else {}
-            requested = {vm: facade.request_failover(vm, str(kind), point, options)
-                         for vm in names}  # fmt: skip
-            _report_jobs(requested, wait, json_out)
-            return
         probe = None
         if check_serial is not None:
             probe = Probe("serial", pattern=check_serial)
         elif check_port is not None:
             probe = Probe("port", pattern=check_pattern, port=check_port)
+        if probe is not None and kind != FailoverKind.TEST:
+            raise InputError("drill checks are for drills", hint="use them with --test")
         opts = FailoverOptions(point=point, append=append, expose=tuple(expose or ()),
                                probe=probe,
                                mode=RecoveryMode.FULL if full_restore else None)  # fmt: skip
+        if facade.remote:
+            requested = {vm: facade.request_failover(vm, str(kind), point, opts.details())
+                         for vm in names}  # fmt: skip
+            _report_jobs(requested, wait, json_out)
+            return
         results = service(accel).failover_many(names, kind, opts)
         _report(results, json_out)
 

@@ -6,6 +6,6 @@ exception tree rooted at :class:`siterecovery.errors.ReplicationError`.
 
 from __future__ import annotations
 
-from siterecovery.replication.errors import FailoverError, VerificationFailed
+from siterecovery.replication.errors import DrillCheckFailed, FailoverError, VerificationFailed
 
-__all__ = ["FailoverError", "VerificationFailed"]
+__all__ = ["DrillCheckFailed", "FailoverError", "VerificationFailed"]

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import blake3
 
@@ -49,7 +49,6 @@ from siterecovery.hypervisor.process import (
 from siterecovery.hypervisor.tracking import GRANULARITY, ChangeTracker, CycleView, discover_disks
 from siterecovery.recovery import instant
 from siterecovery.recovery.errors import FailoverError
-from siterecovery.recovery.failover import FailoverService
 from siterecovery.recovery.replica import ReplicaRecord, remove_slot, stop_replica
 from siterecovery.replication.jobrun import JobListener, JobRun
 from siterecovery.vault import jobs, service
@@ -98,6 +97,12 @@ class FailbackOutcome:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
+class ReplicaLookup(Protocol):
+    """Where the replicas of this recovery host are (the failover door or service)."""
+
+    def replica(self, vm: str, *, test: bool = False) -> ReplicaRecord | None: ...
+
+
 class FailbackService:
     """Fails committed VMs back from this recovery host to their primary disks, as jobs.
 
@@ -107,7 +112,7 @@ class FailbackService:
     def __init__(
         self,
         db: Database,
-        failover: FailoverService,
+        failover: ReplicaLookup,
         *,
         accel: str = "tcg",
         on_job: JobListener | None = None,

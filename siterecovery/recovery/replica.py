@@ -31,7 +31,7 @@ from typing import Any
 from siterecovery.errors import HypervisorError, InputError
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec, qmp_execute
 from siterecovery.recovery import instant
-from siterecovery.recovery.errors import FailoverError
+from siterecovery.recovery.errors import DrillCheckFailed, FailoverError
 from siterecovery.store.manifest import PointManifest
 from siterecovery.store.repository import ReplicaStore
 
@@ -295,7 +295,7 @@ def run_probe(probe: Probe, process: QemuProcess) -> dict[str, Any]:
         try:
             match = process.wait_serial(probe.pattern, probe.timeout_s)
         except HypervisorError as exc:
-            raise FailoverError(f"the drill check failed: {exc}") from exc
+            raise DrillCheckFailed(f"the drill check failed: {exc}") from exc
         return {"kind": "serial", "matched": match.group(0),
                 "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
     answer = _poll_port(probe, started)
@@ -317,7 +317,7 @@ def _poll_port(probe: Probe, started: float) -> str:
         except OSError as exc:
             last = str(exc)
         time.sleep(0.5)
-    raise FailoverError(
+    raise DrillCheckFailed(
         f"the drill check failed: port {probe.port} did not answer {probe.pattern!r} within "
         f"{probe.timeout_s:g} s (last: {last[:200]!r})"
     )

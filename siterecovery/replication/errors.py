@@ -38,3 +38,11 @@ class ChangeLogTooLarge(ReplicationError):
         "the VM is resynchronized in its policy's resync window, "
         "or now with `siterecovery resync VM`"
     )
+
+
+class DrillCheckFailed(FailoverError):
+    """A drill's check (console pattern, TCP port) did not pass: the replica is kept for
+    inspection until the drill is cleaned up."""
+
+    hint = "look at the replica (`siterecovery failover status VM`), then `siterecovery " \
+        "failover cleanup VM`"

@@ -74,7 +74,9 @@ ALL_KINDS = PRIMARY_KINDS | RECOVERY_KINDS
 BLOCKING_KINDS = frozenset({FAILOVER_JOB[FailoverKind.PLANNED], RESYNC, ENABLE_PROTECTION,
                             DISABLE_PROTECTION, REVERSE})  # fmt: skip
 OPEN = (JobState.PENDING, JobState.RUNNING)
-OPTION_KEYS = frozenset({"mode", "expose", "append"})
+OPTION_KEYS = frozenset({"mode", "expose", "append", "check", "hydrate"})
+CHECK_KEYS = frozenset({"kind", "pattern", "port", "http", "timeout_s"})
+DRILL_CHECK = "run drill check"
 
 
 def claimable(job: Job, host: Host) -> bool:
@@ -121,6 +123,8 @@ def request_failover(
         _require_state(vm, row.state, _FAILOVER_FROM[kind], f"start a {FAILOVER_JOB[kind]}")
         _require_no_open_job(txn, row.vm_id, vm)
         tasks: tuple[str, ...] = ("check prerequisites", *RECOVERY_TASKS)
+        if kind == FailoverKind.TEST and "check" in opts:
+            tasks = (*tasks, DRILL_CHECK)
         phase = RECOVERY
         if kind == FailoverKind.PLANNED:
             tasks, phase = (*PLANNED_SOURCE_TASKS, *RECOVERY_TASKS, RELEASE_SOURCE), SOURCE
@@ -243,7 +247,26 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
         raise InputError(f"unknown failover options {unknown}", hint="use mode, expose, append")
     if options.get("mode") not in (None, "instant", "full"):
         raise InputError(f"unknown recovery mode {options['mode']!r}", hint="instant or full")
+    if "check" in options:
+        _check_probe(options["check"])
     return checks.json_object("failover options", options)
+
+
+def _check_probe(check: Any) -> None:
+    """A drill check's shape: ``{kind: serial|port, pattern, port, http, timeout_s}``."""
+    if not isinstance(check, dict) or set(check) - CHECK_KEYS:
+        raise InputError(f"invalid drill check {check!r}",
+                         hint=f"give an object with some of {sorted(CHECK_KEYS)}")  # fmt: skip
+    if check.get("kind") not in ("serial", "port"):
+        raise InputError(f"unknown drill check kind {check.get('kind')!r}",
+                         hint="use serial (a console pattern) or port (an exposed TCP port)")
+    if check["kind"] == "port":
+        checks.integer("drill check port", check.get("port"), low=1, high=65535)
+    timeout = check.get("timeout_s", 60)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (
+        0 < timeout <= 3600
+    ):
+        raise InputError(f"drill check timeout {timeout!r} is out of range", hint="1-3600 s")
 
 
 def _require_state(vm: str, state: S, allowed: set[S], what: str) -> None:

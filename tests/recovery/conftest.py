@@ -16,10 +16,9 @@ from typing import Any
 import platformdirs
 import pytest
 
-from siterecovery.agent.embedded import EmbeddedAgent
+from siterecovery.agent.embedded import EmbeddedAgent, EmbeddedFailover
 from siterecovery.hypervisor.guest import GuestImage, build_guest, guest_cmdline, make_disk
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec, live_processes
-from siterecovery.recovery.failover import FailoverService
 from siterecovery.recovery.replica import RecoveryHost
 from siterecovery.store.keys import StoreKeys
 from siterecovery.store.repository import ReplicaStore
@@ -40,7 +39,7 @@ class Site:
     key_file: Path
     guest: GuestImage
     protection: EmbeddedAgent
-    failover: FailoverService
+    failover: EmbeddedFailover
     primaries: dict[str, QemuProcess]
 
 
@@ -61,7 +60,7 @@ def site(tmp_path: Path, guest_image: GuestImage) -> Iterator[Site]:
     service.ensure_site(db, name="primary", role=SiteRole.PRIMARY)
     service.ensure_host(db, name="kvm1", site="primary")
     service.create_policy(db, name="p30", copy_frequency_s=30, retention_h=24)
-    failover = FailoverService(
+    failover = EmbeddedFailover(
         db, store, root / "recovery", key_file=root / "store.key", run_dir=root / "run",
         host=RecoveryHost(memory_mib=4096, max_parallel=2),
     )  # fmt: skip

@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.agent.embedded import EmbeddedFailover
 from siterecovery.domain import FailoverKind, ReplicationState
 from siterecovery.errors import InputError
 from siterecovery.hypervisor.guest import guest_cmdline
 from siterecovery.hypervisor.process import QemuProcess
 from siterecovery.recovery import instant, network
 from siterecovery.recovery.errors import FailoverError
-from siterecovery.recovery.failover import FailoverOptions, FailoverService
+from siterecovery.recovery.failover import FailoverOptions
 from siterecovery.recovery.replica import RecoveryHost, RecoveryMode
 from siterecovery.vault import jobs, points, service
+from siterecovery.vault.errors import InvalidTransition
 
 from .conftest import Site
 
@@ -51,7 +53,7 @@ def test_refusals_change_nothing(site: Site, protected_vm: Callable[..., QemuPro
         network.map_network(site.db, source="prod", recovery="drill-lan", test="recovery-lan")
     network.map_network(site.db, source="prod", recovery="recovery-lan", test="drill-lan")
     # a recovery host without room
-    small = FailoverService(site.db, site.store, site.root / "recovery", key_file=site.key_file,
+    small = EmbeddedFailover(site.db, site.store, site.root / "recovery", key_file=site.key_file,
                             host=RecoveryHost(memory_mib=64))  # fmt: skip
     with pytest.raises(FailoverError, match=r"no room for VM vm-err.*256 MiB"):
         small.unplanned("vm-err")
@@ -94,12 +96,12 @@ def test_unplanned_older_point_change_point_commit(
     record = site.failover.replica("vm-u")
     assert record is not None and record.point_id == newer.point_id
     assert not instant.pid_alive(first.process.pid)
-    with pytest.raises(InputError):
+    with pytest.raises(InvalidTransition, match="cannot start a test failover"):
         site.failover.test("vm-u")  # no drill while failed over
 
     site.failover.commit("vm-u")
     assert _state(site, "vm-u") == S.COMMITTED
-    with pytest.raises(InputError, match="cannot change after commit"):
+    with pytest.raises(InvalidTransition, match="'committed': cannot run a change recovery"):
         site.failover.change_point("vm-u", older.point_id)
     record = site.failover.replica("vm-u")
     assert record is not None and record.committed
