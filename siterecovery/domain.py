@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from siterecovery.errors import InputError
 
 #: Names of VMs, disks, policies and plans: what can safely appear in an object key or a path.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+#: ``\Z`` (not ``$``, which also matches before a final newline) ends the name.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
 def validate_name(kind: str, name: str) -> str:
-    """Return ``name`` if it is a valid siterecovery name, else raise :class:`InputError`."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    """Return ``name`` if it is, whole, a valid siterecovery name, else raise
+    :class:`InputError`."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InputError(
             f"invalid {kind} name {name!r}",
             hint="use 1-63 characters: letters, digits, '.', '_' or '-', starting with a "

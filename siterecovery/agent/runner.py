@@ -72,7 +72,7 @@ def discover(globs: list[str]) -> list[DiscoveredVm]:
     for pattern in globs:
         for path in sorted(glob.glob(pattern)):
             name = Path(path).stem
-            if not NAME_RE.match(name) or name in found:
+            if not NAME_RE.fullmatch(name) or name in found:
                 continue
             try:
                 found[name] = discovered_vm(name, Path(path).resolve(), {})

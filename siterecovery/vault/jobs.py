@@ -113,7 +113,9 @@ def update_task(
     progress: int,
     details: Mapping[str, Any] | None = None,
 ) -> JobRecord:
-    """Set a running task's progress (0-100) and merge ``details`` into its details."""
+    """Set a running task's progress (0-100) and merge ``details`` into its details.
+
+    The merged details are bounded like ``details`` (:func:`checks.json_object`)."""
     checks.integer("task progress", progress, low=0, high=100)
     extra = checks.json_object("task details", details or {})
     with db.transaction() as session:
@@ -121,7 +123,7 @@ def update_task(
         task = _task(row, name)
         _require(row, task, "update", {JobState.RUNNING})
         task.progress = progress
-        task.details = {**task.details, **extra}
+        task.details = checks.json_object("task details", {**task.details, **extra})
         return _refresh(row)
 
 
@@ -135,7 +137,7 @@ def finish_task(
         task = _task(row, name)
         _require(row, task, "finish", {JobState.RUNNING})
         task.state, task.ended_at, task.progress = JobState.SUCCEEDED, db.now(), 100
-        task.details = {**task.details, **extra}
+        task.details = checks.json_object("task details", {**task.details, **extra})
         return _refresh(row)
 
 

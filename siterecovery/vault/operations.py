@@ -229,7 +229,7 @@ def hand_off(
             raise InvalidJobState(
                 f"job {row.id} is in phase {row.details.get('phase')!r}, not {expected!r}"
             )
-        row.details = {**row.details, **extra, "phase": phase}
+        row.details = checks.json_object("job details", {**row.details, **extra, "phase": phase})
         txn.flush()
         return JobRecord.of(row)
 

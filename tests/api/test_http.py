@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -179,7 +180,7 @@ def test_claims_lease_work_once_and_cycles_report_figures(
                    {"to_state": "initial replication", "reason": "copy"})  # fmt: skip
         point = {
             "point_id": "p1",
-            "created_at": "2025-01-06T12:00:00+00:00",
+            "created_at": datetime.now(UTC).isoformat(),
             "consistency": "crash",
             "manifest_key": "points/web1/p1.json",
             "bytes_shipped": 4096,
