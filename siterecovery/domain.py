@@ -139,6 +139,23 @@ class VmConfig:
     boot: dict[str, str] = field(default_factory=dict)
 
 
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """``"512"``, ``"64KiB"``, ``"1MiB"``, ``"2G"`` as bytes (units are binary: K = 1024).
+
+    Raises :class:`InputError` naming ``what`` for anything else.
+    """
+    match = _SIZE_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise InputError(
+            f"invalid {what} {text!r}", hint="write bytes, or a number with KiB, MiB or GiB"
+        )
+    return int(match[1]) * _SIZE_UNITS[(match[2] or "")[:1].upper()]
+
+
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

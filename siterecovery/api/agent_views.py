@@ -12,7 +12,7 @@ from datetime import datetime
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from siterecovery.api.deps import AGENT, DB, OPTIONS, VaultOptions, require_own_vm
+from siterecovery.api.deps import AGENT, DB, OPTIONS, PATH_PARAMS, VaultOptions, require_own_vm
 from siterecovery.api.schemas import (
     ClaimRequest,
     CycleReport,
@@ -35,7 +35,7 @@ from siterecovery.vault.port import DiscoveredVm, FailureReport, PointReport
 from siterecovery.vault.records import JobRecord, PointRecord, ReplicatedVmRecord, VmRecord
 from siterecovery.vault.work import WorkItem
 
-router = APIRouter(prefix="/v1/agent", tags=["agent"])
+router = APIRouter(prefix="/v1/agent", tags=["agent"], dependencies=[PATH_PARAMS])
 
 
 class Registered(BaseModel):

@@ -14,7 +14,15 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from siterecovery.api import deps
-from siterecovery.api.deps import ADMIN, DB, OPERATOR, OPTIONS, READER, VaultOptions
+from siterecovery.api.deps import (
+    ADMIN,
+    DB,
+    OPERATOR,
+    OPTIONS,
+    PATH_PARAMS,
+    READER,
+    VaultOptions,
+)
 from siterecovery.api.schemas import (
     NAME_PATTERN,
     AssignPolicy,
@@ -47,7 +55,7 @@ from siterecovery.vault.records import (
 )
 from siterecovery.vault.work import HostStatus, VmStatus
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", dependencies=[PATH_PARAMS])
 VmName = Annotated[str, Query(pattern=NAME_PATTERN, max_length=63)]
 
 

@@ -21,7 +21,7 @@ import typer
 
 from siterecovery.cli import output
 from siterecovery.cli.context import Env
-from siterecovery.domain import parse_duration
+from siterecovery.domain import parse_duration, parse_size
 from siterecovery.errors import InputError, SiteRecoveryError
 
 GetEnv = Callable[[typer.Context], Env]
@@ -110,6 +110,9 @@ def _serve(get_env: GetEnv) -> Callable[..., None]:
         heartbeat_timeout: Annotated[
             str, typer.Option(help="A host is disconnected after this long without a heartbeat.")
         ] = "90s",
+        max_body: Annotated[
+            str, typer.Option(help="Longest request body accepted (413 beyond), e.g. 4MiB.")
+        ] = "1MiB",
     ) -> None:
         """Serve the vault's REST API over HTTPS (OpenAPI at /openapi.json)."""
         from siterecovery.api.deps import VaultOptions
@@ -118,7 +121,11 @@ def _serve(get_env: GetEnv) -> Callable[..., None]:
         env = get_env(ctx)
         _require_vault(env)
         timeout = parse_duration(heartbeat_timeout, what="heartbeat timeout")
-        options = VaultOptions(heartbeat_timeout_s=float(timeout))
+        body = parse_size(max_body, what="request body limit")
+        if not 1024 <= body <= 1 << 30:
+            raise InputError(f"request body limit {max_body} is out of range",
+                             hint="use 1KiB to 1GiB")  # fmt: skip
+        options = VaultOptions(heartbeat_timeout_s=float(timeout), max_body_bytes=body)
         run_server(env.settings, host=host, port=port, names=name or [], options=options)
 
     return serve
