@@ -43,6 +43,7 @@ class Registered(BaseModel):
     site: str
     credential: str
     store_url: str
+    replaced: bool = False
 
 
 class Heartbeat(BaseModel):
@@ -71,7 +72,7 @@ def register(body: RegisterRequest, request: Request, db: Database = DB) -> Regi
     done = access.register_host(db, key=body.key, host=body.host)
     store_url = request.app.state.store_url
     return Registered(host=done.host, site=done.site, credential=done.credential,
-                      store_url=str(store_url))  # fmt: skip
+                      store_url=str(store_url), replaced=done.replaced)  # fmt: skip
 
 
 @router.post("/heartbeat", response_model=Heartbeat)

@@ -240,12 +240,14 @@ def revoke_token(name: str, db: Database = DB, _: Principal = ADMIN) -> TokenRec
 
 @router.post("/registration-keys", response_model=CreatedSecret, status_code=201, tags=["access"])
 def create_registration_key(
-    body: RegistrationKeyCreate, db: Database = DB, _: Principal = ADMIN
+    body: RegistrationKeyCreate, db: Database = DB, who: Principal = ADMIN
 ) -> CreatedSecret:
+    """A one-time key for one named host (``name`` in the answer is that host)."""
     secret, expires = access.create_registration_key(
-        db, site=body.site, role=body.site_role, ttl_s=body.ttl_s
-    )
-    return CreatedSecret(name=body.site, secret=secret, expires_at=expires)
+        db, site=body.site, host=body.host, role=body.site_role, ttl_s=body.ttl_s,
+        replace=body.replace, by=who.label,
+    )  # fmt: skip
+    return CreatedSecret(name=body.host, secret=secret, expires_at=expires)
 
 
 @router.get("/whoami", tags=["access"], status_code=status.HTTP_200_OK)

@@ -204,9 +204,14 @@ class TokenCreate(Body):
 
 
 class RegistrationKeyCreate(Body):
+    """A key for ``host`` to join ``site``; ``replace``: it may re-register that host when it
+    is registered already (its current credential then stops working)."""
+
     site: Name
+    host: Name
     site_role: Literal["primary", "recovery"] = "primary"
     ttl_s: Annotated[int, Field(ge=1, le=5 * 86400)] = 86400
+    replace: bool = False
 
 
 class RegisterRequest(Body):
