@@ -26,6 +26,7 @@ from siterecovery.api.deps import (
 from siterecovery.api.schemas import (
     NAME_PATTERN,
     AssignPolicy,
+    CancelRequest,
     ChangePointRequest,
     FailoverRequest,
     NetworkCreate,
@@ -220,6 +221,16 @@ def list_jobs(
 @router.get("/jobs/{job_id}", response_model=JobRecord, tags=["jobs"])
 def get_job(job_id: str, db: Database = DB, _: Principal = READER) -> JobRecord:
     return jobs.get_job(db, job=job_id)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobRecord, tags=["jobs"])
+def cancel_job(
+    job_id: str, body: CancelRequest, db: Database = DB, who: Principal = OPERATOR
+) -> JobRecord:
+    """Cancel an open job: its lease ends and its VM goes where the job's kind leaves it
+    safely (409 for a job that ended, or a failover that is running)."""
+    reason = f"{body.reason or 'no reason given'} (by {who.label})"
+    return operations.cancel_job(db, job=job_id, reason=reason)
 
 
 @router.get("/tokens", response_model=list[TokenRecord], tags=["access"])

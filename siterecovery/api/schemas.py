@@ -189,6 +189,12 @@ class ResyncRequest(Body):
     reason: Text | None = None
 
 
+class CancelRequest(Body):
+    """Why an operator cancels a job (kept in the job's error)."""
+
+    reason: Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]*$")] | None = None
+
+
 class HandOffRequest(Body):
     """Hand a planned failover to the other site: ``recovery`` or ``source-finish``."""
 

@@ -172,18 +172,27 @@ def finish_job(db: Database, /, *, job: str) -> JobRecord:
 
 
 def cancel_job(db: Database, /, *, job: str, reason: str) -> JobRecord:
-    """Cancel a pending or running job: the running task is cancelled, pending ones skipped."""
+    """Cancel a pending or running job: the running task is cancelled, pending ones skipped.
+
+    Only the job: :func:`siterecovery.vault.operations.cancel_job` also ends its lease and
+    settles its VM, as an operator's cancel must."""
     checks.text("reason", reason)
     with db.transaction() as session:
         row = rows.job(session, job, for_update=True)
-        _require_job_open(row, "cancel")
-        now = db.now()
-        for task in row.tasks:
-            if task.state == JobState.RUNNING:
-                task.state, task.ended_at = JobState.CANCELLED, now
-        _skip_pending(row, now)
-        _end_job(row, JobState.CANCELLED, now, error=f"cancelled: {reason}")
+        cancel_row(row, db.now(), reason=reason)
         return _refresh(row)
+
+
+def cancel_row(row: Job, now: datetime, *, reason: str) -> None:
+    """Cancel the open job ``row`` inside the caller's transaction; InvalidJobState if it
+    already ended."""
+    _require_job_open(row, "cancel")
+    for task in row.tasks:
+        if task.state == JobState.RUNNING:
+            task.state, task.ended_at = JobState.CANCELLED, now
+    _skip_pending(row, now)
+    _end_job(row, JobState.CANCELLED, now, error=f"cancelled: {reason}")
+    row.progress = job_progress(row.tasks)
 
 
 def get_job(db: Database, /, *, job: str) -> JobRecord:
