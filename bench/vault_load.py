@@ -134,8 +134,8 @@ def setup(settings: Any, url: str, agents: int, vms: int) -> list[tuple[str, str
     db = open_database(settings.vault_url)
     try:
         admin = access.create_token(db, name="bench", role="operator")[1]
-        keys = [access.create_registration_key(db, site="dc1", ttl_s=3600)[0]
-                for _ in range(agents)]  # fmt: skip
+        keys = [access.create_registration_key(db, site="dc1", host=f"kvm{n:03d}", ttl_s=3600)[0]
+                for n in range(agents)]  # fmt: skip
     finally:
         db.close()
     hosts = []

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from siterecovery.errors import InputError
 
 #: Names of VMs, disks, policies and plans: what can safely appear in an object key or a path.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+#: ``\Z`` (not ``$``, which also matches before a final newline) ends the name.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
 def validate_name(kind: str, name: str) -> str:
-    """Return ``name`` if it is a valid siterecovery name, else raise :class:`InputError`."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    """Return ``name`` if it is, whole, a valid siterecovery name, else raise
+    :class:`InputError`."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InputError(
             f"invalid {kind} name {name!r}",
             hint="use 1-63 characters: letters, digits, '.', '_' or '-', starting with a "
@@ -135,6 +137,23 @@ class VmConfig:
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[str, ...] = ()
     boot: dict[str, str] = field(default_factory=dict)
+
+
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """``"512"``, ``"64KiB"``, ``"1MiB"``, ``"2G"`` as bytes (units are binary: K = 1024).
+
+    Raises :class:`InputError` naming ``what`` for anything else.
+    """
+    match = _SIZE_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise InputError(
+            f"invalid {what} {text!r}", hint="write bytes, or a number with KiB, MiB or GiB"
+        )
+    return int(match[1]) * _SIZE_UNITS[(match[2] or "")[:1].upper()]
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")

@@ -67,13 +67,15 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class KeyFile:
-    """A registration key file's contents."""
+    """A registration key file's contents; ``host`` is the host name the key registers
+    (empty in files made before keys were bound to a host)."""
 
     vault_url: str
     key: str
     site: str
     expires_at: str
     ca_pem: str
+    host: str = ""
 
     def save(self, path: Path) -> None:
         write_file(path, json.dumps(asdict(self), indent=2) + "\n", 0o600)
@@ -93,7 +95,10 @@ class KeyFile:
                 f"{path} is not a registration key file",
                 hint="make one with `siterecovery registration-key create --site SITE`",
             )
-        return cls(**{f: doc[f] for f in fields})
+        host = doc.get("host", "")
+        if not isinstance(host, str):
+            raise InputError(f"{path}: the key's host name is not a text")
+        return cls(**{f: doc[f] for f in fields}, host=host)
 
 
 def write_file(path: Path, text: str, mode: int) -> None:

@@ -45,9 +45,18 @@ def register(
     store_key_file: Path | None = None,
     poll_s: float = 5.0,
 ) -> AgentConfig:
-    """Register this host with the key file's one-time key and save the agent's config."""
+    """Register this host with the key file's one-time key and save the agent's config.
+
+    The host name is ``host``, else the one the key was made for, else this machine's short
+    name. InputError (before the vault is asked) if ``host`` differs from the key's host.
+    """
     key = KeyFile.load(key_file)
-    name = validate_name("host", host or socket.gethostname().split(".")[0])
+    if host and key.host and host != key.host:
+        raise InputError(
+            f"the key {key_file} is for host {key.host!r}, not {host!r}",
+            hint=f"leave out --host, or ask for a key for {host!r}",
+        )
+    name = validate_name("host", host or key.host or socket.gethostname().split(".")[0])
     ca_tmp = AgentConfig.dir_of(workdir) / "vault-ca.pem"
     ca_tmp.parent.mkdir(parents=True, exist_ok=True)
     ca_tmp.write_text(key.ca_pem)
@@ -72,7 +81,7 @@ def discover(globs: list[str]) -> list[DiscoveredVm]:
     for pattern in globs:
         for path in sorted(glob.glob(pattern)):
             name = Path(path).stem
-            if not NAME_RE.match(name) or name in found:
+            if not NAME_RE.fullmatch(name) or name in found:
                 continue
             try:
                 found[name] = discovered_vm(name, Path(path).resolve(), {})

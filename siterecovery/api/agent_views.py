@@ -12,7 +12,7 @@ from datetime import datetime
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from siterecovery.api.deps import AGENT, DB, OPTIONS, VaultOptions, require_own_vm
+from siterecovery.api.deps import AGENT, DB, OPTIONS, PATH_PARAMS, VaultOptions, require_own_vm
 from siterecovery.api.schemas import (
     ClaimRequest,
     CycleReport,
@@ -35,7 +35,7 @@ from siterecovery.vault.port import DiscoveredVm, FailureReport, PointReport
 from siterecovery.vault.records import JobRecord, PointRecord, ReplicatedVmRecord, VmRecord
 from siterecovery.vault.work import WorkItem
 
-router = APIRouter(prefix="/v1/agent", tags=["agent"])
+router = APIRouter(prefix="/v1/agent", tags=["agent"], dependencies=[PATH_PARAMS])
 
 
 class Registered(BaseModel):
@@ -43,6 +43,7 @@ class Registered(BaseModel):
     site: str
     credential: str
     store_url: str
+    replaced: bool = False
 
 
 class Heartbeat(BaseModel):
@@ -71,7 +72,7 @@ def register(body: RegisterRequest, request: Request, db: Database = DB) -> Regi
     done = access.register_host(db, key=body.key, host=body.host)
     store_url = request.app.state.store_url
     return Registered(host=done.host, site=done.site, credential=done.credential,
-                      store_url=str(store_url))  # fmt: skip
+                      store_url=str(store_url), replaced=done.replaced)  # fmt: skip
 
 
 @router.post("/heartbeat", response_model=Heartbeat)

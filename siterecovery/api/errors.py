@@ -7,6 +7,8 @@ is always :class:`ErrorBody` (``error``: the error's class name, ``message``, ``
 prints and exits exactly as it did with the vault in-process::
 
     400 InputError (the service refused the value)   422 InputError (the payload's shape)
+    422 LimitExceeded, TimeOutOfRange (a bound of vault.limits)
+    413 PayloadTooLarge (the request body, before it is parsed)
     401 NotAuthenticated   403 PermissionDenied      404 NotFoundError
     409 Conflict / InvalidTransition / InvalidJobState
     501 NotImplementedYet  503 DatabaseUnavailable   500 VaultError (a bug: reported, logged)
@@ -27,6 +29,8 @@ from siterecovery.vault.errors import (
     DatabaseUnavailable,
     InvalidJobState,
     InvalidTransition,
+    LimitExceeded,
+    TimeOutOfRange,
     UnknownHost,
     UnknownJob,
     UnknownPoint,
@@ -46,6 +50,12 @@ class ErrorBody(BaseModel):
     recoverable: bool = False
 
 
+class PayloadTooLarge(InputError):
+    """The request body is longer than the vault accepts; it was not read to its end."""
+
+    hint = "send a smaller request, or raise the vault's limit (`vault serve --max-body`)"
+
+
 class NotImplementedYet(VaultError):
     """The operation exists in the API but is not served by this vault yet."""
 
@@ -61,7 +71,11 @@ class ApiFailure(VaultError):
     """The vault answered with an error it could not classify (a bug on its side)."""
 
 
+#: First match wins: subclasses come before their parents.
 _STATUS: tuple[tuple[type[SiteRecoveryError], int], ...] = (
+    (PayloadTooLarge, 413),
+    (LimitExceeded, 422),
+    (TimeOutOfRange, 422),
     (InputError, 400),
     (NotAuthenticated, 401),
     (PermissionDenied, 403),
@@ -83,6 +97,7 @@ def status_of(exc: SiteRecoveryError) -> int:
 
 
 def body_of(exc: SiteRecoveryError) -> dict[str, Any]:
+    """The JSON error body of ``exc``."""
     return ErrorBody(
         error=type(exc).__name__, message=exc.message, hint=exc.hint,
         recoverable=exc.recoverable,
@@ -91,6 +106,7 @@ def body_of(exc: SiteRecoveryError) -> dict[str, Any]:
 
 _BY_STATUS: dict[int, type[SiteRecoveryError]] = {
     400: InputError,
+    413: PayloadTooLarge,
     422: InputError,
     401: NotAuthenticated,
     403: PermissionDenied,
@@ -106,7 +122,8 @@ _BY_STATUS: dict[int, type[SiteRecoveryError]] = {
 _BY_NAME: dict[str, type[SiteRecoveryError]] = {
     cls.__name__: cls
     for cls in (Conflict, InvalidJobState, DatabaseUnavailable, UnknownSite, UnknownHost,
-                UnknownVm, UnknownPolicy, UnknownJob, UnknownPoint, VmNotProtected)
+                UnknownVm, UnknownPolicy, UnknownJob, UnknownPoint, VmNotProtected,
+                LimitExceeded, TimeOutOfRange, PayloadTooLarge)
 }  # fmt: skip
 
 

@@ -14,10 +14,19 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from siterecovery.api import deps
-from siterecovery.api.deps import ADMIN, DB, OPERATOR, OPTIONS, READER, VaultOptions
+from siterecovery.api.deps import (
+    ADMIN,
+    DB,
+    OPERATOR,
+    OPTIONS,
+    PATH_PARAMS,
+    READER,
+    VaultOptions,
+)
 from siterecovery.api.schemas import (
     NAME_PATTERN,
     AssignPolicy,
+    CancelRequest,
     ChangePointRequest,
     FailoverRequest,
     NetworkCreate,
@@ -47,7 +56,7 @@ from siterecovery.vault.records import (
 )
 from siterecovery.vault.work import HostStatus, VmStatus
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", dependencies=[PATH_PARAMS])
 VmName = Annotated[str, Query(pattern=NAME_PATTERN, max_length=63)]
 
 
@@ -214,6 +223,16 @@ def get_job(job_id: str, db: Database = DB, _: Principal = READER) -> JobRecord:
     return jobs.get_job(db, job=job_id)
 
 
+@router.post("/jobs/{job_id}/cancel", response_model=JobRecord, tags=["jobs"])
+def cancel_job(
+    job_id: str, body: CancelRequest, db: Database = DB, who: Principal = OPERATOR
+) -> JobRecord:
+    """Cancel an open job: its lease ends and its VM goes where the job's kind leaves it
+    safely (409 for a job that ended, or a failover that is running)."""
+    reason = f"{body.reason or 'no reason given'} (by {who.label})"
+    return operations.cancel_job(db, job=job_id, reason=reason)
+
+
 @router.get("/tokens", response_model=list[TokenRecord], tags=["access"])
 def list_tokens(db: Database = DB, _: Principal = ADMIN) -> list[TokenRecord]:
     return access.list_tokens(db)
@@ -232,12 +251,14 @@ def revoke_token(name: str, db: Database = DB, _: Principal = ADMIN) -> TokenRec
 
 @router.post("/registration-keys", response_model=CreatedSecret, status_code=201, tags=["access"])
 def create_registration_key(
-    body: RegistrationKeyCreate, db: Database = DB, _: Principal = ADMIN
+    body: RegistrationKeyCreate, db: Database = DB, who: Principal = ADMIN
 ) -> CreatedSecret:
+    """A one-time key for one named host (``name`` in the answer is that host)."""
     secret, expires = access.create_registration_key(
-        db, site=body.site, role=body.site_role, ttl_s=body.ttl_s
-    )
-    return CreatedSecret(name=body.site, secret=secret, expires_at=expires)
+        db, site=body.site, host=body.host, role=body.site_role, ttl_s=body.ttl_s,
+        replace=body.replace, by=who.label,
+    )  # fmt: skip
+    return CreatedSecret(name=body.host, secret=secret, expires_at=expires)
 
 
 @router.get("/whoami", tags=["access"], status_code=status.HTTP_200_OK)

@@ -1,29 +1,95 @@
-"""Request bodies of the vault API: the shapes FastAPI validates before any service runs.
+"""Request bodies and path parameters of the vault API: the shapes validated (422) before any
+service runs.
 
 Pydantic stops here: views pass plain values to the vault services, which validate again
 (ranges, names) and raise domain errors. Free texts refuse NUL characters, which PostgreSQL
-cannot store; integers are bounded so no database ever overflows.
+cannot store; integers are bounded so no database ever overflows; free-form JSON fields
+(:data:`FreeJson`) are bounded in depth and size (:mod:`siterecovery.vault.limits`); times
+must be representable in UTC. Patterns are matched whole (pydantic's regex engine: ``$`` is
+the end of the text, a trailing newline does not match).
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 from siterecovery.domain import Consistency, ReplicationState
+from siterecovery.errors import InputError
+from siterecovery.vault import checks, limits
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._:/()-]{0,99}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
 Text = Annotated[str, Field(min_length=1, max_length=10_000, pattern=r"^[^\x00]*$")]
-Session = Annotated[str, Field(pattern=r"^[0-9a-fA-F-]{32,36}$", description="agent session")]
+Session = Annotated[str, Field(pattern=UUID_PATTERN, description="agent session (a UUID)")]
 MAX_BYTES = (1 << 62) - 1
+
+#: The pattern of each path parameter, by its name (see :data:`siterecovery.api.deps.PATH_PARAMS`).
+PATH_PATTERNS = {
+    "vm": NAME_PATTERN,
+    "name": NAME_PATTERN,
+    "job_id": UUID_PATTERN,
+    "task": LABEL_PATTERN,
+}
+
+
+def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` if within the JSON bounds; ValueError (pydantic's 422) otherwise."""
+    try:
+        return checks.json_object("free-form JSON", value)
+    except InputError as exc:
+        raise ValueError(exc.message) from None
+
+
+def _in_utc(value: datetime) -> datetime:
+    """``value`` in UTC; ValueError (422) when UTC cannot represent it."""
+    try:
+        return checks.utc("time", value)
+    except InputError as exc:
+        raise ValueError(exc.message) from None
+
+
+FreeJson = Annotated[
+    dict[str, Any],
+    AfterValidator(_bounded_json),
+    Field(description=f"a JSON object at most {limits.MAX_JSON_DEPTH} levels deep and "
+                      f"{limits.MAX_JSON_BYTES} bytes serialized"),
+]  # fmt: skip
+UtcTime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 
 class Body(BaseModel):
-    """Base of every request body: unknown fields are an error, not silently dropped."""
+    """Base of every request body: unknown fields are an error, not silently dropped.
+
+    They are refused in one error naming at most ten of them, before the fields are
+    validated: a body of many unknown fields costs no more than one of them.
+    """
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [key for key in data if key not in cls.model_fields]
+            if unknown:
+                shown = ", ".join(repr(str(k))[:70] for k in unknown[:10])
+                more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+                raise ValueError(f"unknown fields {shown}{more}")
+        return data
 
 
 class SiteCreate(Body):
@@ -31,16 +97,37 @@ class SiteCreate(Body):
     role: Literal["primary", "recovery"] = "primary"
 
 
-class PolicySettings(Body):
-    """Every policy setting optional: the body of an update."""
+def _drop_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
 
-    copy_frequency_s: Literal[30, 300, 900] | None = None
-    retention_h: Annotated[int, Field(ge=1, le=8760)] | None = None
-    app_consistent_h: Annotated[int, Field(ge=0, le=12)] | None = None
-    resync_window: Annotated[str, Field(pattern=r"^\d\d:\d\d-\d\d:\d\d$")] | None = None
-    encryption: bool | None = None
+
+#: The default of a setting an update leaves out: not shown, never stored (exclude_unset).
+_LEFT_OUT: Any = Field(default=None, json_schema_extra=_drop_default)
+
+
+class PolicySettings(Body):
+    """Every policy setting optional: the body of an update. Settings every policy has may be
+    left out but not set to null (422); the bandwidths may be null: unlimited."""
+
+    copy_frequency_s: Literal[30, 300, 900] | SkipJsonSchema[None] = _LEFT_OUT
+    retention_h: Annotated[int, Field(ge=1, le=8760)] | SkipJsonSchema[None] = _LEFT_OUT
+    app_consistent_h: Annotated[int, Field(ge=0, le=12)] | SkipJsonSchema[None] = _LEFT_OUT
+    resync_window: (
+        Annotated[str, Field(pattern=r"^\d\d:\d\d-\d\d:\d\d$")] | SkipJsonSchema[None]
+    ) = _LEFT_OUT
+    encryption: bool | SkipJsonSchema[None] = _LEFT_OUT
     bandwidth_work_mbps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     bandwidth_offhours_mbps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+
+    @field_validator(
+        "copy_frequency_s", "retention_h", "app_consistent_h", "resync_window", "encryption",
+        mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("this setting may be left out, but not null")
+        return value
 
 
 class PolicyCreate(Body):
@@ -114,12 +201,18 @@ class ResyncRequest(Body):
     reason: Text | None = None
 
 
+class CancelRequest(Body):
+    """Why an operator cancels a job (kept in the job's error)."""
+
+    reason: Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]*$")] | None = None
+
+
 class HandOffRequest(Body):
     """Hand a planned failover to the other site: ``recovery`` or ``source-finish``."""
 
     session: Session
     phase: Literal["recovery", "source-finish"]
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: FreeJson = Field(default_factory=dict)
 
 
 class TokenCreate(Body):
@@ -129,9 +222,14 @@ class TokenCreate(Body):
 
 
 class RegistrationKeyCreate(Body):
+    """A key for ``host`` to join ``site``; ``replace``: it may re-register that host when it
+    is registered already (its current credential then stops working)."""
+
     site: Name
+    host: Name
     site_role: Literal["primary", "recovery"] = "primary"
     ttl_s: Annotated[int, Field(ge=1, le=5 * 86400)] = 86400
+    replace: bool = False
 
 
 class RegisterRequest(Body):
@@ -153,7 +251,7 @@ class DiskIn(Body):
 
 class DiscoveredVm(Body):
     name: Name
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: FreeJson = Field(default_factory=dict)
     disks: Annotated[list[DiskIn], Field(max_length=64)]
 
 
@@ -177,7 +275,7 @@ class TaskEvent(Body):
 
     action: Literal["start", "progress", "finish", "fail"]
     progress: Annotated[int, Field(ge=0, le=100)] = 0
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: FreeJson = Field(default_factory=dict)
     error: Text | None = None
 
 
@@ -188,11 +286,11 @@ class TransitionRequest(Body):
 
 class PointIn(Body):
     point_id: Name
-    created_at: AwareDatetime
+    created_at: UtcTime
     consistency: Consistency
     manifest_key: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[^\x00]*$")]
     bytes_shipped: Annotated[int, Field(ge=0, le=MAX_BYTES)] = 0
-    figures: dict[str, Any] = Field(default_factory=dict)
+    figures: FreeJson = Field(default_factory=dict)
 
 
 class FailureIn(Body):

@@ -18,6 +18,7 @@ from siterecovery import __version__
 from siterecovery.cli import failover_cmd, output
 from siterecovery.cli.context import Env, current_env
 from siterecovery.cli.failback_cmd import register_failback_commands
+from siterecovery.cli.job_cmd import register_job_commands
 from siterecovery.cli.resync_cmd import register_resync_commands
 from siterecovery.cli.service_cmd import register_service_commands, replace_resync
 from siterecovery.cli.store_cmd import store_app_factory
@@ -404,19 +405,6 @@ def jobs(
     output.out.print(output.jobs_table(records))
 
 
-@app.command("job")
-def job_show(
-    ctx: typer.Context,
-    job_id: Annotated[str, typer.Argument(metavar="ID", help="Job id (a unique prefix works).")],
-    json_out: JsonFlag = False,
-) -> None:
-    """One job with its tasks."""
-    record = _env(ctx).vault().job(job_id)
-    if json_out:
-        return output.print_json(record)
-    output.print_job(record)
-
-
 # -- recovery --------------------------------------------------------------------------------
 
 
@@ -449,6 +437,7 @@ app.add_typer(failover_cmd.failover_app_factory(current_env), name="failover")
 
 
 register_resync_commands(app, _env)
+register_job_commands(app, _env)
 register_failback_commands(app, _env)
 register_service_commands(app, _env)
 replace_resync(app, _env)

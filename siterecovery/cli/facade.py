@@ -65,6 +65,10 @@ class VaultFacade(Protocol):
         """The one job whose id starts with ``prefix``; InputError if not exactly one."""
         ...
 
+    def cancel_job(self, prefix: str, reason: str | None) -> Doc:
+        """Cancel the one open job whose id starts with ``prefix``: the cancelled job."""
+        ...
+
     def resync(self, vm: str, *, full: bool) -> tuple[Doc, Doc]:
         """The resync job and its figures (empty when an agent runs it later)."""
         ...
@@ -199,6 +203,10 @@ class RemoteVault:
             return dict(self._get(f"/v1/jobs/{prefix}"))
         return _one_job(prefix, self.jobs(None, 1000))
 
+    def cancel_job(self, prefix: str, reason: str | None) -> Doc:
+        job_id = self.job(prefix)["id"]
+        return dict(self._post(f"/v1/jobs/{job_id}/cancel", {"reason": reason} if reason else {}))
+
     def resync(self, vm: str, *, full: bool) -> tuple[Doc, Doc]:
         return dict(self._post(f"/v1/vms/{vm}/resync", {"full": full})), {}
 
@@ -285,6 +293,13 @@ class LocalVault:
 
     def job(self, prefix: str) -> Doc:
         return _one_job(prefix, self.jobs(None, 1000))
+
+    def cancel_job(self, prefix: str, reason: str | None) -> Doc:
+        from siterecovery.vault import operations
+
+        job_id = str(self.job(prefix)["id"])
+        why = reason or "cancelled by the operator"
+        return _doc(operations.cancel_job(self.env.db(), job=job_id, reason=why))
 
     def resync(self, vm: str, *, full: bool) -> tuple[Doc, Doc]:
         from siterecovery.agent.embedded import EmbeddedAgent

@@ -20,21 +20,13 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
-from typer._click.core import Context as ClickContext  # typer 0.29 vendors click
-from typer.core import TyperGroup
 
 from siterecovery.cli import output
 from siterecovery.cli.context import Env, current_env
+from siterecovery.cli.groups import default_command_group
 from siterecovery.errors import InputError, SiteRecoveryError
 
-
-class _DefaultRunGroup(TyperGroup):
-    """A group whose unknown first word (a VM name or an option) goes to ``run``."""
-
-    def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
+_DefaultRunGroup = default_command_group("run")
 
 
 

@@ -21,12 +21,18 @@ import typer
 
 from siterecovery.cli import output
 from siterecovery.cli.context import Env
-from siterecovery.domain import parse_duration
+from siterecovery.domain import parse_duration, parse_size
 from siterecovery.errors import InputError, SiteRecoveryError
 
 GetEnv = Callable[[typer.Context], Env]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
 ADMIN_TOKEN_FILE = "admin.token"
+REPLACE_HELP = (
+    "Re-register a registered host (reinstalled): its current credential stops working when "
+    "the key is used."
+)
+#: The host name of the local agent that `up` registers.
+LOCAL_HOST = "localhost"
 
 
 def register_service_commands(app: typer.Typer, get_env: GetEnv) -> None:
@@ -110,6 +116,9 @@ def _serve(get_env: GetEnv) -> Callable[..., None]:
         heartbeat_timeout: Annotated[
             str, typer.Option(help="A host is disconnected after this long without a heartbeat.")
         ] = "90s",
+        max_body: Annotated[
+            str, typer.Option(help="Longest request body accepted (413 beyond), e.g. 4MiB.")
+        ] = "1MiB",
     ) -> None:
         """Serve the vault's REST API over HTTPS (OpenAPI at /openapi.json)."""
         from siterecovery.api.deps import VaultOptions
@@ -118,7 +127,11 @@ def _serve(get_env: GetEnv) -> Callable[..., None]:
         env = get_env(ctx)
         _require_vault(env)
         timeout = parse_duration(heartbeat_timeout, what="heartbeat timeout")
-        options = VaultOptions(heartbeat_timeout_s=float(timeout))
+        body = parse_size(max_body, what="request body limit")
+        if not 1024 <= body <= 1 << 30:
+            raise InputError(f"request body limit {max_body} is out of range",
+                             hint="use 1KiB to 1GiB")  # fmt: skip
+        options = VaultOptions(heartbeat_timeout_s=float(timeout), max_body_bytes=body)
         run_server(env.settings, host=host, port=port, names=name or [], options=options)
 
     return serve
@@ -216,14 +229,16 @@ def _regkey_create(get_env: GetEnv) -> Callable[..., None]:
     def create(
         ctx: typer.Context,
         out: Annotated[Path, typer.Option(help="Key file to write (0600).")],
+        host: Annotated[str, typer.Option(help="The one host name the key registers.")],
         site: Annotated[str, typer.Option(help="Site the host joins.")] = "primary",
         role: Annotated[str, typer.Option(help="Site role if the site is new.")] = "primary",
         ttl: Annotated[str, typer.Option(help="Validity: up to 5d.")] = "1d",
         vault_url: Annotated[str, typer.Option(help="URL agents reach the vault at.")] = (
             "https://127.0.0.1:8443"
         ),
+        replace: Annotated[bool, typer.Option(help=REPLACE_HELP)] = False,
     ) -> None:
-        """Make a one-time, expiring registration key file for one host."""
+        """Make a one-time, expiring registration key file for one named host."""
         from siterecovery.agent.config import KeyFile
         from siterecovery.api.server import pki_of
         from siterecovery.vault import access
@@ -232,10 +247,14 @@ def _regkey_create(get_env: GetEnv) -> Callable[..., None]:
         if out.exists():
             raise InputError(f"{out} exists", hint="choose another file name")
         ttl_s = parse_duration(ttl, what="validity")
-        key, expires = access.create_registration_key(env.db(), site=site, role=role, ttl_s=ttl_s)
+        key, expires = access.create_registration_key(
+            env.db(), site=site, host=host, role=role, ttl_s=ttl_s, replace=replace,
+            by="`registration-key create` on the vault host",
+        )  # fmt: skip
         ca_pem = pki_of(env.settings).ca_cert.read_text()
-        KeyFile(vault_url, key, site, expires.isoformat(), ca_pem).save(out)
-        output.out.print(f"registration key for site {site} written to {out} "
+        KeyFile(vault_url, key, site, expires.isoformat(), ca_pem, host=host).save(out)
+        what = "re-registering" if replace else "registering"
+        output.out.print(f"key {what} host {host} in site {site} written to {out} "
                          f"(valid until {expires:%Y-%m-%d %H:%M} UTC, one use)")  # fmt: skip
 
     return create
@@ -355,12 +374,16 @@ def _ensure_agent(env: Env, url: str, globs: list[str]) -> None:
     workdir = env.settings.workdir
     if (AgentConfig.dir_of(workdir) / "agent.json").exists():
         return
-    key, expires = access.create_registration_key(env.db(), site="primary", ttl_s=600)
+    db = env.db()
+    key, expires = access.create_registration_key(
+        db, site="primary", host=LOCAL_HOST, ttl_s=600, by="`up`",
+        replace=access.is_registered(db, host=LOCAL_HOST),  # its agent directory was lost
+    )  # fmt: skip
     key_file = workdir / "agent" / "registration.key"
     key_file.parent.mkdir(parents=True, exist_ok=True)
     KeyFile(url, key, "primary", expires.isoformat(),
-            pki_of(env.settings).ca_cert.read_text()).save(key_file)  # fmt: skip
-    register(workdir, key_file, host="localhost",
+            pki_of(env.settings).ca_cert.read_text(), host=LOCAL_HOST).save(key_file)  # fmt: skip
+    register(workdir, key_file, host=LOCAL_HOST,
              qmp_globs=check_globs(globs or [str(workdir / "vms" / "*.qmp")]))  # fmt: skip
     key_file.unlink()
 

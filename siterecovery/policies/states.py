@@ -182,7 +182,7 @@ def default_rpo_threshold_s(copy_frequency_s: int) -> int:
     return max(900, 2 * copy_frequency_s)
 
 
-_WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+_WINDOW_RE = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)\Z")
 
 
 def parse_window(window: str) -> tuple[time, time]:
@@ -190,7 +190,7 @@ def parse_window(window: str) -> tuple[time, time]:
 
     Raises :class:`InputError` for another format or an empty window (start == end).
     """
-    match = _WINDOW_RE.match(window) if isinstance(window, str) else None
+    match = _WINDOW_RE.fullmatch(window) if isinstance(window, str) else None
     if match is None:
         raise InputError(
             f"invalid resync window {window!r}",

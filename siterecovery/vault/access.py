@@ -11,12 +11,17 @@ Errors::
     ├── NotAuthenticated   no, unknown, expired or revoked secret (HTTP 401)
     └── PermissionDenied   a known caller asks for what its role or host may not do (403)
 
+A registration key is bound to one host name when it is made; it re-registers a host that
+is registered already (replacing its credential) only when it was made with ``replace``.
+Making keys, registering and replacing are logged on the ``siterecovery.audit`` logger.
+
 Functions take the Database positionally, the rest by keyword; one transaction each.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,12 +29,14 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 
 from siterecovery.domain import validate_name
-from siterecovery.errors import NotFoundError, VaultError
+from siterecovery.errors import InputError, NotFoundError, VaultError
 from siterecovery.vault import checks, rows
 from siterecovery.vault.auth_models import ApiToken, RegistrationKey, Role
 from siterecovery.vault.db import Database
-from siterecovery.vault.errors import Conflict
+from siterecovery.vault.errors import Conflict, UnknownHost
 from siterecovery.vault.models import Host, Site, SiteRole
+
+audit = logging.getLogger("siterecovery.audit")
 
 TOKEN_PREFIX = "srt_"
 KEY_PREFIX = "srk_"
@@ -75,11 +82,13 @@ class TokenRecord:
 
 @dataclass(frozen=True)
 class Registration:
-    """What a host gets back from registering: its name, site and its own credential."""
+    """What a host gets back from registering: its name, site and its own credential;
+    ``replaced``: the host was registered before and its old credential no longer works."""
 
     host: str
     site: str
     credential: str
+    replaced: bool = False
 
 
 def digest(secret: str) -> str:
@@ -195,16 +204,32 @@ def require_host(principal: Principal, action: str) -> str:
 
 
 def create_registration_key(
-    db: Database, /, *, site: str, role: SiteRole | str = SiteRole.PRIMARY, ttl_s: int = 86400
+    db: Database,
+    /,
+    *,
+    site: str,
+    host: str,
+    role: SiteRole | str = SiteRole.PRIMARY,
+    ttl_s: int = 86400,
+    replace: bool = False,
+    by: str = "the vault host",
 ) -> tuple[str, datetime]:
-    """A one-time key for one host to join ``site`` (created with ``role`` if missing).
+    """A one-time key for the host ``host`` to join ``site`` (created with ``role`` if missing).
 
-    Returns the key (shown this once) and when it expires (``ttl_s``: 1 s to 5 days).
+    The key registers that host name only. A host registered already (it holds a
+    credential) needs ``replace``: using the key then replaces its credential. Conflict if
+    ``host`` is registered and ``replace`` is false, or is in another site; UnknownHost if
+    ``replace`` is given for a host that is not registered. Returns the key (shown this
+    once) and when it expires (``ttl_s``: 1 s to 5 days). ``by`` names the maker in the
+    audit log.
     """
     validate_name("site", site)
+    validate_name("host", host)
     wanted = checks.member("site role", SiteRole, role)
     life = _ttl("registration key lifetime (seconds)", ttl_s, MAX_KEY_TTL_S)
     assert life is not None
+    if not isinstance(replace, bool):
+        raise InputError(f"replace must be true or false, got {replace!r}")
     secret = _new_secret(KEY_PREFIX)
     with db.transaction() as session:
         row = session.scalars(select(Site).where(Site.name == site)).one_or_none()
@@ -212,20 +237,45 @@ def create_registration_key(
         if row is None:
             row = Site(name=site, role=wanted, created_at=now)
             session.add(row)
-        session.add(
-            RegistrationKey(
-                secret_digest=digest(secret), site=row, created_at=now, expires_at=now + life
-            )
+        _check_key_target(session.scalars(select(Host).where(Host.name == host)).one_or_none(),
+                          host=host, site=site, replace=replace)  # fmt: skip
+        key = RegistrationKey(secret_digest=digest(secret), site=row, created_at=now,
+                              expires_at=now + life, host=host, may_replace=replace)  # fmt: skip
+        session.add(key)
+        session.flush()
+        key_id = key.id
+    audit.info("registration key %d made by %s for host %r in site %r%s, valid until %s",
+               key_id, by, host, site, " (replaces its credential)" if replace else "",
+               (now + life).isoformat())  # fmt: skip
+    return secret, now + life
+
+
+def _check_key_target(existing: Host | None, *, host: str, site: str, replace: bool) -> None:
+    """Refuse a key that would take over a registered host without ``replace``, move a host
+    to another site, or replace a host that is not registered."""
+    registered = existing is not None and existing.credential_hash is not None
+    if existing is not None and existing.site.name != site:
+        raise Conflict(f"host {host!r} is registered in site {existing.site.name!r}, not {site!r}")
+    if registered and not replace:
+        raise Conflict(
+            f"host {host!r} is already registered",
+            hint="to re-register it (a reinstalled host) make the key with --replace: its "
+            "current credential stops working when the key is used",
         )
-        return secret, now + life
+    if replace and not registered:
+        raise UnknownHost(
+            f"host {host!r} is not registered: there is no credential to replace",
+            hint="leave out --replace for a new host",
+        )
 
 
 def register_host(db: Database, /, *, key: str, host: str) -> Registration:
     """Join ``host`` to the key's site with a one-time ``key``; return its new credential.
 
-    NotAuthenticated if the key is unknown, used or expired (nothing changes). A host name
-    already registered gets a fresh credential (the old one stops working): re-registering
-    a reinstalled host needs a new key, like the first time.
+    NotAuthenticated if the key is unknown, used or expired; PermissionDenied if it was made
+    for another host; Conflict if ``host`` is registered and the key was not made to replace
+    it, or is in another site. Nothing changes when it raises. A replaced host's old
+    credential stops working at once. Registering and replacing are audited.
     """
     validate_name("host", host)
     if not isinstance(key, str) or not key.startswith(KEY_PREFIX):
@@ -243,14 +293,47 @@ def register_host(db: Database, /, *, key: str, host: str) -> Registration:
         _check_key(row, now)
         assert row is not None
         host_row = session.scalars(select(Host).where(Host.name == host)).one_or_none()
+        replaced = _check_key_use(row, host_row, host)
         if host_row is None:
             host_row = Host(name=host, site=row.site, created_at=now)
             session.add(host_row)
-        elif host_row.site_id != row.site_id:
-            raise Conflict(f"host {host!r} is registered in site {host_row.site.name!r}")
         host_row.credential_hash = digest(credential)
         row.used_at, row.used_by = now, host
-        return Registration(host=host, site=row.site.name, credential=credential)
+        done = Registration(host=host, site=row.site.name, credential=credential,
+                            replaced=replaced)  # fmt: skip
+        key_id = row.id
+    _audit_registration(done, key_id)
+    return done
+
+
+def _check_key_use(row: RegistrationKey, existing: Host | None, host: str) -> bool:
+    """Whether registering ``host`` with the key ``row`` replaces a credential; raises when
+    the key may not register that host."""
+    if row.host is not None and row.host != host:
+        raise PermissionDenied(
+            f"this registration key is for host {row.host!r}, not {host!r}",
+            hint=f"register as {row.host!r}, or ask the vault's admin for a key for {host!r}",
+        )
+    if existing is None:
+        return False
+    if existing.site_id != row.site_id:
+        raise Conflict(f"host {host!r} is registered in site {existing.site.name!r}")
+    registered = existing.credential_hash is not None
+    if registered and not row.may_replace:
+        raise Conflict(
+            f"host {host!r} is already registered: this key may not replace its credential",
+            hint="the vault's admin makes a replacing key with "
+            "`siterecovery registration-key create --host HOST --replace`",
+        )
+    return registered
+
+
+def _audit_registration(done: Registration, key_id: int) -> None:
+    if done.replaced:
+        audit.warning("host %r in site %r re-registered with key %d: its previous credential "
+                      "was replaced", done.host, done.site, key_id)  # fmt: skip
+    else:
+        audit.info("host %r registered in site %r with key %d", done.host, done.site, key_id)
 
 
 def _check_key(row: RegistrationKey | None, now: datetime) -> None:
@@ -261,6 +344,14 @@ def _check_key(row: RegistrationKey | None, now: datetime) -> None:
         raise NotAuthenticated(f"registration key already used by host {row.used_by!r}", hint=hint)
     if row.expires_at <= now:
         raise NotAuthenticated("registration key expired", hint=hint)
+
+
+def is_registered(db: Database, /, *, host: str) -> bool:
+    """Whether ``host`` holds a credential (a new key for it then needs ``replace``)."""
+    validate_name("host", host)
+    with db.transaction(write=False) as session:
+        row = session.scalars(select(Host).where(Host.name == host)).one_or_none()
+        return row is not None and row.credential_hash is not None
 
 
 def host_of_vm(db: Database, /, *, vm: str) -> str:

@@ -5,7 +5,8 @@ UTC timestamps, enums stored by value in ``VARCHAR(32)``. Secrets are never stor
 SHA-256 of a high-entropy random secret (a slow password hash adds nothing for 256-bit random
 values, and a plain digest allows an indexed lookup).
 
-Created by migration ``0003``; a test compares these models with the migrated schema.
+Created by migration ``0003`` (``0004``: registration keys bound to a host); a test compares
+these models with the migrated schema.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import Boolean, ForeignKey, String, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from siterecovery.vault.models import ENUM_LEN, NAME_LEN, UUID_LEN, Base, Host, Site, Vm
@@ -50,7 +51,10 @@ class ApiToken(Base):
 class RegistrationKey(Base):
     """A one-time, expiring key that lets one host join ``site`` (the seed's vault credentials).
 
-    ``used_at`` / ``used_by`` are set when a host registers with it; it never works again.
+    ``host`` is the only host name it registers (None: a key made before keys were bound,
+    which registers new host names only); ``may_replace`` lets it re-register that host when
+    it is registered already. ``used_at`` / ``used_by`` are set when a host registers with
+    it; it never works again.
     """
 
     __tablename__ = "registration_keys"
@@ -62,6 +66,8 @@ class RegistrationKey(Base):
     expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
     used_by: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    host: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    may_replace: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
     site: Mapped[Site] = relationship()
 

@@ -6,11 +6,14 @@
     ├── Conflict               the thing already exists, or exists differently
     ├── SchemaTooNew           the database was written by a newer siterecovery
     └── DatabaseUnavailable    the database cannot be reached or is busy (recoverable)
+    InputError
+    ├── LimitExceeded          a free-form JSON value is too deep or too large
+    └── TimeOutOfRange         a reported time is before the VM's protection or in the future
     NotFoundError
     ├── UnknownSite, UnknownHost, UnknownVm, UnknownPolicy, UnknownJob, UnknownPoint
     └── VmNotProtected         the VM exists but protection is not enabled
 
-Bad arguments raise :class:`siterecovery.errors.InputError`. Every vault call runs in one
+Other bad arguments raise :class:`siterecovery.errors.InputError`. Every vault call runs in one
 transaction, so any of these errors means nothing was changed.
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from siterecovery.errors import NotFoundError, VaultError
+from siterecovery.errors import InputError, NotFoundError, VaultError
 
 
 def _quoted(states: Iterable[str]) -> str:
@@ -78,6 +81,19 @@ class DatabaseUnavailable(VaultError):
 
     recoverable = True
     hint = "check the database URL, that the database is reachable, and its permissions"
+
+
+class LimitExceeded(InputError):
+    """A free-form JSON value is nested too deep or too large (see :mod:`.limits`)."""
+
+    hint = "send less: keep free-form JSON shallow and small (limits in docs/api.md)"
+
+
+class TimeOutOfRange(InputError):
+    """A reported time is out of range: before the VM's protection started, beyond the
+    vault's clock plus the allowed skew, or not representable in UTC."""
+
+    hint = "check the host's clock (NTP) and the time the agent reports"
 
 
 class UnknownSite(NotFoundError):

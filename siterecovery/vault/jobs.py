@@ -113,7 +113,9 @@ def update_task(
     progress: int,
     details: Mapping[str, Any] | None = None,
 ) -> JobRecord:
-    """Set a running task's progress (0-100) and merge ``details`` into its details."""
+    """Set a running task's progress (0-100) and merge ``details`` into its details.
+
+    The merged details are bounded like ``details`` (:func:`checks.json_object`)."""
     checks.integer("task progress", progress, low=0, high=100)
     extra = checks.json_object("task details", details or {})
     with db.transaction() as session:
@@ -121,7 +123,7 @@ def update_task(
         task = _task(row, name)
         _require(row, task, "update", {JobState.RUNNING})
         task.progress = progress
-        task.details = {**task.details, **extra}
+        task.details = checks.json_object("task details", {**task.details, **extra})
         return _refresh(row)
 
 
@@ -135,7 +137,7 @@ def finish_task(
         task = _task(row, name)
         _require(row, task, "finish", {JobState.RUNNING})
         task.state, task.ended_at, task.progress = JobState.SUCCEEDED, db.now(), 100
-        task.details = {**task.details, **extra}
+        task.details = checks.json_object("task details", {**task.details, **extra})
         return _refresh(row)
 
 
@@ -170,18 +172,27 @@ def finish_job(db: Database, /, *, job: str) -> JobRecord:
 
 
 def cancel_job(db: Database, /, *, job: str, reason: str) -> JobRecord:
-    """Cancel a pending or running job: the running task is cancelled, pending ones skipped."""
+    """Cancel a pending or running job: the running task is cancelled, pending ones skipped.
+
+    Only the job: :func:`siterecovery.vault.operations.cancel_job` also ends its lease and
+    settles its VM, as an operator's cancel must."""
     checks.text("reason", reason)
     with db.transaction() as session:
         row = rows.job(session, job, for_update=True)
-        _require_job_open(row, "cancel")
-        now = db.now()
-        for task in row.tasks:
-            if task.state == JobState.RUNNING:
-                task.state, task.ended_at = JobState.CANCELLED, now
-        _skip_pending(row, now)
-        _end_job(row, JobState.CANCELLED, now, error=f"cancelled: {reason}")
+        cancel_row(row, db.now(), reason=reason)
         return _refresh(row)
+
+
+def cancel_row(row: Job, now: datetime, *, reason: str) -> None:
+    """Cancel the open job ``row`` inside the caller's transaction; InvalidJobState if it
+    already ended."""
+    _require_job_open(row, "cancel")
+    for task in row.tasks:
+        if task.state == JobState.RUNNING:
+            task.state, task.ended_at = JobState.CANCELLED, now
+    _skip_pending(row, now)
+    _end_job(row, JobState.CANCELLED, now, error=f"cancelled: {reason}")
+    row.progress = job_progress(row.tasks)
 
 
 def get_job(db: Database, /, *, job: str) -> JobRecord:

@@ -25,10 +25,27 @@ runs there, so cleanup, change point and commit go to it.
 
 While a *planned failover* or a *resynchronize* job is open, the VM gets no cycle: the source
 is paused (planned) or the resync owns the change log.
+
+An operator may **cancel** an open job (:func:`cancel_job`): its lease ends and its VM goes
+where the job's kind leaves it safely:
+
+==========================  ===============================================================
+job kind                    the VM after a cancel
+==========================  ===============================================================
+enable protection           pending: *unprotected* again (nothing was done on the host);
+                            running: *error* (unprotect cleans up, resync repairs)
+resynchronize               *resync required* (its window, or ``resync``, runs it again)
+disable protection,         unchanged (unprotected; cleanup, drill, failed over): the
+cleanup, change point,      operation can be asked for again
+commit
+test / unplanned / planned  pending: unchanged; running: refused, since a replica may be
+failover                    starting or the source VM is paused (the job ends by itself)
+==========================  ===============================================================
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -37,12 +54,13 @@ from sqlalchemy.orm import Session
 from siterecovery.domain import FailoverKind, JobKind, JobState, ReplicationState
 from siterecovery.errors import InputError
 from siterecovery.vault import checks, rows
+from siterecovery.vault.auth_models import WorkLease
 from siterecovery.vault.db import Database
 from siterecovery.vault.errors import Conflict, InvalidJobState, InvalidTransition
-from siterecovery.vault.jobs import add_job
-from siterecovery.vault.models import Host, Job, SiteRole
+from siterecovery.vault.jobs import add_job, cancel_row
+from siterecovery.vault.models import Host, Job, ReplicatedVm, SiteRole
 from siterecovery.vault.records import JobRecord
-from siterecovery.vault.service import DISABLE_PROTECTION, ENABLE_PROTECTION, transition
+from siterecovery.vault.service import DISABLE_PROTECTION, ENABLE_PROTECTION, move, transition
 
 S = ReplicationState
 
@@ -233,9 +251,63 @@ def hand_off(
             raise InvalidJobState(
                 f"job {row.id} is in phase {row.details.get('phase')!r}, not {expected!r}"
             )
-        row.details = {**row.details, **extra, "phase": phase}
+        row.details = checks.json_object("job details", {**row.details, **extra, "phase": phase})
         txn.flush()
         return JobRecord.of(row)
+
+
+# ---- operators' cancel ----------------------------------------------------------------------
+
+
+#: Kinds whose running job is not cancelled: a replica may be starting, or the source paused.
+UNCANCELLABLE_WHILE_RUNNING = frozenset(FAILOVER_JOB.values())
+
+
+def cancel_job(db: Database, /, *, job: str, reason: str) -> JobRecord:
+    """Cancel the open ``job`` for an operator, in one transaction: its running task is
+    cancelled and the pending ones skipped, the work lease it holds ends (the agent's next
+    report is refused), and its VM goes where the job's kind leaves it safely (the table in
+    the module docstring). InvalidJobState (nothing changes) if the job already ended, or is
+    a running failover."""
+    checks.text("reason", reason)
+    with db.transaction() as txn:
+        row = rows.job(txn, job, for_update=True)
+        started = row.state == JobState.RUNNING
+        if started and row.kind in UNCANCELLABLE_WHILE_RUNNING:
+            raise InvalidJobState(
+                f"job {row.id} ({row.kind}) is running: it cannot be cancelled",
+                hint="a replica may be starting or the source VM is paused: wait for the job "
+                "to end (a failed failover puts everything back)",
+            )
+        now = db.now()
+        cancel_row(row, now, reason=reason)
+        _end_job_lease(txn, row)
+        if row.vm is not None and row.vm.replicated is not None:
+            _settle(txn, row, rows.replicated(txn, row.vm.name, for_update=True), started, now)
+        txn.flush()
+        return JobRecord.of(row)
+
+
+def _end_job_lease(txn: Session, job: Job) -> None:
+    """Delete the work lease taken for ``job`` (a cycle's lease on the VM is left alone)."""
+    lease = txn.get(WorkLease, job.vm_id, with_for_update=True) if job.vm_id else None
+    if lease is not None and lease.job_id == job.id:
+        txn.delete(lease)
+
+
+def _settle(txn: Session, job: Job, row: ReplicatedVm, started: bool, now: datetime) -> None:
+    """Put the VM of the cancelled ``job`` where its kind leaves it safely (a VM the job
+    already brought to *protected* stays there)."""
+    why = f"{job.kind} job {job.id} {job.error}"[:500]
+    if job.kind == ENABLE_PROTECTION and not started:
+        txn.delete(row)  # no task ran: the VM is as it was before protect
+    elif job.kind == ENABLE_PROTECTION and row.state in _ENABLING:
+        move(txn, row, S.ERROR, why, now)
+    elif job.kind == RESYNC and row.state == S.RESYNCING:
+        move(txn, row, S.RESYNC_REQUIRED, why, now)
+
+
+_ENABLING = frozenset({S.ENABLING_PROTECTION, S.INITIAL_REPLICATION})
 
 
 # ---- helpers -------------------------------------------------------------------------------

@@ -42,22 +42,27 @@ def record_point(
     """Record a recovery point of the protected ``vm``: a successful cycle.
 
     Sets the VM's ``last_point_id`` (if this is its newest point) and ``last_cycle_at`` (now),
-    clears the retry bookkeeping, recomputes health. Conflict if ``point_id`` is recorded.
+    clears the retry bookkeeping, recomputes health. Conflict if ``point_id`` is recorded;
+    TimeOutOfRange if ``created_at`` is before the VM's protection started or after now,
+    beyond the clock skew of :data:`limits.CLOCK_SKEW_S`; LimitExceeded for figures beyond
+    the JSON bounds. Nothing is written when it raises.
     """
     validate_name("recovery point", point_id)
-    checks.aware("recovery point time", created_at)
+    moment = checks.utc("recovery point time", created_at)
     kind = checks.member("consistency", Consistency, consistency)
     checks.text("manifest key", manifest_key, max_len=1024)
     figures_json = checks.json_object("cycle figures", figures)
     checks.integer("bytes shipped", bytes_shipped, low=0)
     with db.transaction() as session:
         row = rows.replicated(session, vm, for_update=True)
+        now = db.now()
+        checks.within("recovery point time", moment, earliest=row.created_at, latest=now)
         if session.get(RecoveryPoint, (row.vm_id, point_id)) is not None:
             raise Conflict(f"recovery point {point_id!r} of VM {vm!r} is already recorded")
         point = RecoveryPoint(
             vm=row.vm,
             point_id=point_id,
-            created_at=created_at,
+            created_at=moment,
             consistency=kind,
             manifest_key=manifest_key,
             bytes_shipped=bytes_shipped,
@@ -65,7 +70,6 @@ def record_point(
         )
         session.add(point)
         session.flush()
-        now = db.now()
         row.last_cycle_at = now
         row.last_error, row.error_class, row.attempts, row.next_retry_at = None, None, 0, None
         refresh_health(session, row, now)
@@ -129,7 +133,7 @@ def record_failure(
     checks.text("error", error)
     kind = checks.member("error class", ErrorClass, error_class)
     if next_retry_at is not None:
-        checks.aware("next retry time", next_retry_at)
+        next_retry_at = checks.utc("next retry time", next_retry_at)
     with db.transaction() as session:
         row = rows.replicated(session, vm, for_update=True)
         row.last_error, row.error_class, row.next_retry_at = error, kind, next_retry_at

@@ -1,19 +1,21 @@
 """What the vault service returns: frozen snapshots of its rows.
 
 Callers (REST API, CLI, agents' handlers) never see ORM objects, so nothing they hold can
-lazy-load or change the database. Times are aware UTC datetimes; JSON fields are copies.
+lazy-load or change the database. Times are aware UTC datetimes. JSON fields are copies made
+by :func:`checks.stored_json` inside the service's transaction: the JSON an answer carries is
+built before the commit, and a stored value beyond the vault's bounds is withheld rather than
+breaking the answer.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from siterecovery.domain import Consistency, Health, JobState, ReplicationState
 from siterecovery.policies.states import ErrorClass
-from siterecovery.vault import models
+from siterecovery.vault import checks, models
 from siterecovery.vault.models import SiteRole
 
 
@@ -80,7 +82,7 @@ class VmRecord:
             name=row.name,
             host=row.host.name,
             site=row.host.site.name,
-            config=copy.deepcopy(row.config),
+            config=checks.stored_json(f"config of VM {row.name!r}", row.config),
             disks=tuple(DiskRecord.of(d) for d in sorted(row.disks, key=lambda d: d.name)),
             state=state,
             created_at=row.created_at,
@@ -179,7 +181,7 @@ class TaskRecord:
             ended_at=row.ended_at,
             progress=row.progress,
             error=row.error,
-            details=copy.deepcopy(row.details),
+            details=checks.stored_json(f"details of task {row.name!r}", row.details),
         )
 
 
@@ -218,7 +220,7 @@ class JobRecord:
             ended_at=row.ended_at,
             error=row.error,
             progress=row.progress,
-            details=copy.deepcopy(row.details),
+            details=checks.stored_json(f"details of job {row.id}", row.details),
             tasks=tuple(TaskRecord.of(t) for t in sorted(row.tasks, key=lambda t: t.seq)),
         )
 
@@ -244,7 +246,7 @@ class PointRecord:
             consistency=row.consistency,
             manifest_key=row.manifest_key,
             bytes_shipped=row.bytes_shipped,
-            figures=copy.deepcopy(row.figures),
+            figures=checks.stored_json(f"figures of point {row.point_id!r}", row.figures),
         )
 
 

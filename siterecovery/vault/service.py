@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from siterecovery.domain import (
     COPY_FREQUENCIES_S,
@@ -117,6 +118,7 @@ __all__ = [
     "list_policies",
     "list_protected",
     "list_vms",
+    "move",
     "protect",
     "record_failure",
     "record_heartbeat",
@@ -503,10 +505,18 @@ def transition(
             raise InvalidTransition(
                 vm=vm, current=current, operation="transition it", required=set()
             )
-        now = db.now()
-        _enter_state(row, target, reason, now)
-        refresh_health(session, row, now)
+        move(session, row, target, reason, db.now())
         return ReplicatedVmRecord.of(row)
+
+
+def move(
+    session: Session, row: ReplicatedVm, target: ReplicationState, reason: str, now: datetime
+) -> None:
+    """Move ``row`` to ``target`` inside the caller's transaction, as :func:`transition`
+    does (InvalidTransition unless the table allows it; health recomputed)."""
+    _require_transition(row.vm.name, row.state, target, f"move it to '{target}'")
+    _enter_state(row, target, reason, now)
+    refresh_health(session, row, now)
 
 
 def _require_transition(

@@ -227,7 +227,7 @@ def _take(
             latest_point_id=replicated.last_point_id if replicated else None,
             resumed=resumed,
             lease_expires_at=lease.expires_at,
-            details=dict(job.details) if job else {},
+            details=checks.stored_json(f"details of job {job.id}", job.details) if job else {},
             app_consistent=quiesce,
             limit_bps=limit,
             retry=retry,
@@ -457,7 +457,9 @@ def _vm_status(txn: Session, row: ReplicatedVm, now: datetime, timeout_s: float 
             else (f"{host.seconds_since_heartbeat:.0f}s ago")
         )
         reasons.append(f"host {host.host.name!r} disconnected: last heartbeat {seen}")
-    figures = dict(point.figures) if point else {}
+    figures = {}
+    if point is not None:
+        figures = checks.stored_json(f"figures of point {point.point_id!r}", point.figures)
     duration = figures.get("duration_s")
     throughput = None
     if isinstance(duration, int | float) and duration > 0 and point is not None:

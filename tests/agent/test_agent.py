@@ -92,7 +92,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     vm = QemuProcess.start(spec)
     key_file = tmp_path / "kvm1.key"
     expires = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
-    KeyFile(vault.url, vault.registration_key(), "dc1", expires, vault.ca.read_text()).save(
+    KeyFile(vault.url, vault.registration_key("kvm1"), "dc1", expires, vault.ca.read_text()).save(
         key_file
     )
     register(agent_dir, key_file, host="kvm1", qmp_globs=[str(vmdir / "*.qmp")],

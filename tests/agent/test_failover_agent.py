@@ -66,14 +66,14 @@ class Sites:
         raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
-def key_file(vault: VaultProcess, path: Path, site: str, role: str) -> Path:
+def key_file(vault: VaultProcess, path: Path, host: str, site: str, role: str) -> Path:
     db = open_database(vault.settings.vault_url)
     try:
-        key = access.create_registration_key(db, site=site, role=role, ttl_s=600)[0]
+        key = access.create_registration_key(db, site=site, host=host, role=role, ttl_s=600)[0]
     finally:
         db.close()
     expires = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
-    KeyFile(vault.url, key, site, expires, vault.ca.read_text()).save(path)
+    KeyFile(vault.url, key, site, expires, vault.ca.read_text(), host=host).save(path)
     return path
 
 
@@ -104,13 +104,13 @@ def sites(tmp_path: Path) -> Iterator[Sites]:
     dirs = {"kvm1": tmp_path / "kvm1", "dr1": tmp_path / "dr1"}
     register(
         dirs["kvm1"],
-        key_file(vault, tmp_path / "kvm1.key", "dc1", "primary"),
+        key_file(vault, tmp_path / "kvm1.key", "kvm1", "dc1", "primary"),
         host="kvm1",
         qmp_globs=[str(vmdir / "*.qmp")],
         store_key_file=vault.settings.key_file,
     )
-    register(dirs["dr1"], key_file(vault, tmp_path / "dr1.key", "dr", "recovery"), host="dr1",
-             store_key_file=vault.settings.key_file)  # fmt: skip
+    dr_key = key_file(vault, tmp_path / "dr1.key", "dr1", "dr", "recovery")
+    register(dirs["dr1"], dr_key, host="dr1", store_key_file=vault.settings.key_file)
     rig = Sites(vault, vault.token("admin", "admin"), dirs)
     try:
         for name, workdir in dirs.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -24,8 +25,8 @@ DISK = {"name": "vda", "size": 1 << 20, "node_name": "n", "path": "/img/x.qcow2"
 
 def register_host(vault: VaultProcess, host: str, site: str = "dc1") -> str:
     with vault.client() as anonymous:
-        done = anonymous.post("/v1/agent/register",
-                              {"key": vault.registration_key(site), "host": host})  # fmt: skip
+        key = vault.registration_key(host, site)
+        done = anonymous.post("/v1/agent/register", {"key": key, "host": host})
     assert done["host"] == host and done["credential"].startswith("srh_")
     assert done["store_url"] == vault.settings.store_url
     return str(done["credential"])
@@ -134,8 +135,8 @@ def test_denials_are_401_or_403_with_a_reason_and_logged(
 
 
 def test_registration_keys_are_one_time_and_expire(vault: VaultProcess) -> None:
-    key = vault.registration_key(ttl_s=600)
-    short = vault.registration_key(ttl_s=1)
+    key = vault.registration_key("kvm1", ttl_s=600)
+    short = vault.registration_key("kvm3", ttl_s=1)
     with vault.client() as anonymous:
         anonymous.post("/v1/agent/register", {"key": key, "host": "kvm1"})
         with pytest.raises(NotAuthenticated, match="already used by host 'kvm1'"):
@@ -179,7 +180,7 @@ def test_claims_lease_work_once_and_cycles_report_figures(
                    {"to_state": "initial replication", "reason": "copy"})  # fmt: skip
         point = {
             "point_id": "p1",
-            "created_at": "2025-01-06T12:00:00+00:00",
+            "created_at": datetime.now(UTC).isoformat(),
             "consistency": "crash",
             "manifest_key": "points/web1/p1.json",
             "bytes_shipped": 4096,

@@ -25,7 +25,8 @@ PRIMARY, DR = str(uuid.uuid4()), str(uuid.uuid4())
 def register_recovery_host(vault: VaultProcess, host: str) -> str:
     db = open_database(vault.settings.vault_url)
     try:
-        key = access.create_registration_key(db, site="dr", role="recovery", ttl_s=600)[0]
+        key = access.create_registration_key(db, site="dr", host=host, role="recovery",
+                                            ttl_s=600)[0]  # fmt: skip
     finally:
         db.close()
     with vault.client() as anonymous:

@@ -127,9 +127,14 @@ class VaultProcess:
         finally:
             db.close()
 
-    def registration_key(self, site: str = "dc1", ttl_s: int = 600) -> str:
+    def registration_key(
+        self, host: str, site: str = "dc1", ttl_s: int = 600, *, replace: bool = False
+    ) -> str:
+        """A key for ``host`` to join ``site`` (``replace``: re-register it)."""
         db = open_database(self.settings.vault_url)
         try:
-            return access.create_registration_key(db, site=site, ttl_s=ttl_s)[0]
+            return access.create_registration_key(
+                db, site=site, host=host, ttl_s=ttl_s, replace=replace
+            )[0]
         finally:
             db.close()

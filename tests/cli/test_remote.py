@@ -18,6 +18,7 @@ from api.test_http import register_host, report_vm
 from api.vaultproc import VaultProcess, init_vault
 
 from siterecovery.api.tls import ensure_pki
+from siterecovery.vault.errors import InvalidJobState
 
 CLI = [sys.executable, "-m", "siterecovery"]
 SESSION = str(uuid.uuid4())
@@ -136,3 +137,32 @@ def test_bad_combinations_and_missing_credentials_are_refused(
         env={**os.environ, "SITERECOVERY_TOKEN": token},
     )  # fmt: skip
     assert wrong.returncode == 6 and "unreachable" in wrong.stderr
+
+
+def test_an_operator_cancels_a_job_through_the_api(vault: VaultProcess) -> None:
+    operator, reader = vault.token("op", "operator"), vault.token("ro", "reader")
+    credential = register_host(vault, "kvm1")
+    report_vm(vault, credential, "web1")
+    cli(vault, "policy", "create", "gold", token=operator)
+    cli(vault, "protect", "web1", "--policy", "gold", token=operator)
+    (job,) = as_json(vault, "jobs", token=operator)
+    with vault.client(credential) as agent:
+        agent.post("/v1/agent/claims", {"session": SESSION})
+        agent.post(f"/v1/agent/jobs/{job['id']}/tasks/check prerequisites", {"action": "start"})
+    denied = cli(vault, "job", "cancel", job["id"][:8], token=reader, check=False)
+    assert denied.returncode == 6 and "needs the role 'operator'" in denied.stderr
+    assert as_json(vault, "job", job["id"][:8], token=reader)["state"] == "running"
+    done = as_json(vault, "job", "cancel", job["id"][:8], "--reason", "wrong VM", token=operator)
+    assert done["state"] == "cancelled"
+    assert done["error"] == "cancelled: wrong VM (by token 'op' (operator))"
+    assert [t["state"] for t in done["tasks"]] == ["cancelled", "skipped", "skipped", "skipped"]
+    (status,) = as_json(vault, "status", token=reader)
+    assert status["state"] == "error"
+    with vault.client(credential) as agent:  # the agent's lease and job are gone
+        with pytest.raises(InvalidJobState, match="already ended 'cancelled'"):
+            agent.post(f"/v1/agent/jobs/{job['id']}/tasks/check prerequisites",
+                       {"action": "finish"})  # fmt: skip
+        lease = agent.post("/v1/agent/vms/web1/lease", {"session": SESSION})
+        assert lease == {"held": False, "expires_at": None}
+    again = cli(vault, "job", "cancel", job["id"], token=operator, check=False)
+    assert again.returncode == 6 and "already ended" in again.stderr

@@ -51,7 +51,9 @@ def test_protect_creates_the_enable_protection_job(inventory: Database) -> None:
 
 
 def test_each_protection_gets_a_new_relationship(inventory: Database) -> None:
-    first = service.protect(inventory, vm="web1", policy="gold").replicated.relationship_id
+    made = service.protect(inventory, vm="web1", policy="gold")
+    first = made.replicated.relationship_id
+    service.cancel_job(inventory, job=made.job.id, reason="no agent runs it")
     service.unprotect(inventory, vm="web1")
     second = service.protect(inventory, vm="web1", policy="gold").replicated.relationship_id
     assert first != second
@@ -221,6 +223,7 @@ def test_jobs_and_states_survive_a_restart(database_url: str, clock: FakeClock) 
 def test_unprotect_creates_the_disable_job(inventory: Database, clock: FakeClock) -> None:
     db = inventory
     made = service.protect(db, vm="web1", policy="gold")
+    service.cancel_job(db, job=made.job.id, reason="no agent runs it")  # unprotect: no open job
     clock.advance(1)
     job = service.unprotect(db, vm="web1")
     assert job.kind == "disable protection"
