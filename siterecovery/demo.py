@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import secrets
 import shutil
@@ -47,6 +48,7 @@ from rich.table import Table
 
 from siterecovery.agent.embedded import EmbeddedAgent
 from siterecovery.domain import ReplicationState
+from siterecovery.fsutil import CHILD_UMASK, open_private, private_dir
 from siterecovery.hypervisor.guest import (
     RECORD_SIZE,
     build_guest,
@@ -204,7 +206,7 @@ class Demo:
         if workdir.exists() and any(workdir.iterdir()):
             shutil.rmtree(workdir)
         for path in (workdir, self.settings.run_dir, self.settings.recovery_dir):
-            path.mkdir(parents=True, exist_ok=True)
+            private_dir(path)
         self.console.rule("[bold]siterecovery demo")
         self.console.print(f"work directory: {workdir}   guest seed: {self.seed}")
 
@@ -220,8 +222,7 @@ class Demo:
         cache = Path(platformdirs.user_cache_dir("siterecovery")) / "guest"
         with self.console.status("building the demo guest (host kernel + busybox initramfs)"):
             guest = build_guest(cache)
-        primary_dir = self.settings.workdir / "primary"
-        primary_dir.mkdir()
+        primary_dir = private_dir(self.settings.workdir / "primary")
         system, data = primary_dir / "system.qcow2", primary_dir / "data.qcow2"
         _seed_system_disk(system, self.seed)
         make_disk(data, DATA_DISK_SIZE)
@@ -332,8 +333,7 @@ class Demo:
         """Restore every point's data disk on the host and check it record by record."""
         self.console.rule("verification")
         checked = 0
-        scratch = self.settings.workdir / "verify"
-        scratch.mkdir(exist_ok=True)
+        scratch = private_dir(self.settings.workdir / "verify")
         for point in store.list_points(VM):
             bounds = self._acked.get(point.point_id, (0, 0))
             found = _records_in_point(store, point, scratch / f"{point.point_id}.raw", self.seed)
@@ -478,12 +478,12 @@ def _seed_system_disk(path: Path, seed: int) -> None:
     """A system disk with 16 MiB of data, so the initial copy has something to move."""
     raw = path.with_suffix(".raw")
     rng = random.Random(seed)
-    with raw.open("wb") as f:
+    with os.fdopen(open_private(raw, exclusive=True), "wb") as f:
         f.write(rng.randbytes(8 << 20))
         f.write(b"siterecovery demo system disk\n" * ((8 << 20) // 30))
         f.truncate(SYSTEM_DISK_SIZE)
     subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
-                   check=True)  # fmt: skip
+                   check=True, umask=CHILD_UMASK)  # fmt: skip
     raw.unlink()
 
 

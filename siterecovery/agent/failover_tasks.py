@@ -34,6 +34,7 @@ from typing import Any
 
 from siterecovery.domain import Consistency, ReplicationState
 from siterecovery.errors import HypervisorError, InputError, SiteRecoveryError
+from siterecovery.fsutil import private_dir
 from siterecovery.hypervisor.process import QemuProcess, qmp_execute
 from siterecovery.recovery import instant, network
 from siterecovery.recovery.errors import FailoverError
@@ -138,7 +139,7 @@ class RecoveryWork:
         slot = TEST_SLOT if kind == "test" else FAILOVER_SLOT
         workdir = self._slot_dir(item.vm, slot)
         remove_slot(workdir)
-        workdir.mkdir(parents=True)
+        private_dir(workdir)
         forwards = [network.PortForward.parse(f) for f in opts.get("expose", [])]
         nics = network.plan_nics(item.vm, point.vm_config, self.vault.network_mappings(),
                                  test=kind == "test")  # fmt: skip

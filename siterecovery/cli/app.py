@@ -163,6 +163,7 @@ def vault_init(
 ) -> None:
     """Create the embedded vault (SQLite), the replica store and its key file."""
     from siterecovery.cli.store_cmd import read_passphrase
+    from siterecovery.fsutil import private_dir
     from siterecovery.store.backend import open_backend
     from siterecovery.store.keys import StoreKeys
     from siterecovery.store.keywrap import check_new_passphrase
@@ -184,7 +185,7 @@ def vault_init(
         phrase = check_new_passphrase(
             read_passphrase(passphrase_file, what="Passphrase for the store keys", confirm=True)
         )
-    settings.workdir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.workdir)
     keys = StoreKeys.generate()
     ReplicaStore.init(settings.store_url, keys, encrypted=encrypt, passphrase=phrase)
     keys.save(settings.key_file)

@@ -8,6 +8,7 @@ Wired by ``register_service_commands(app, _env)`` in :mod:`siterecovery.cli.app`
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from siterecovery.cli import output
 from siterecovery.cli.context import Env
 from siterecovery.domain import parse_duration
 from siterecovery.errors import InputError, SiteRecoveryError
+from siterecovery.fsutil import CHILD_UMASK, open_private, private_dir, write_private
 
 GetEnv = Callable[[typer.Context], Env]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
@@ -289,7 +291,7 @@ def _ensure_vault(env: Env) -> None:
     from siterecovery.store.repository import ReplicaStore
     from siterecovery.vault.db import open_database
 
-    settings.workdir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.workdir)
     keys = StoreKeys.generate()
     ReplicaStore.init(settings.store_url, keys, encrypted=False)
     keys.save(settings.key_file)
@@ -312,8 +314,11 @@ def _start_vault(env: Env, port: int) -> subprocess.Popen[bytes]:
         "--port",
         str(port),
     ]
-    log = (env.settings.workdir / "vault.log").open("ab")
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    log = open_private(env.settings.workdir / "vault.log", append=True)
+    try:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, umask=CHILD_UMASK)
+    finally:
+        os.close(log)
 
 
 def _wait_ready(env: Env, url: str, vault: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -336,14 +341,13 @@ def _wait_ready(env: Env, url: str, vault: subprocess.Popen[bytes], timeout: flo
 
 
 def _ensure_admin_token(env: Env) -> None:
-    from siterecovery.agent.config import write_file
     from siterecovery.vault import access
 
     path = env.settings.workdir / ADMIN_TOKEN_FILE
     if path.exists():
         return
     _, secret = access.create_token(env.db(), name="local-admin", role="admin")
-    write_file(path, secret + "\n", 0o600)
+    write_private(path, (secret + "\n").encode())
 
 
 def _ensure_agent(env: Env, url: str, globs: list[str]) -> None:
@@ -357,7 +361,7 @@ def _ensure_agent(env: Env, url: str, globs: list[str]) -> None:
         return
     key, expires = access.create_registration_key(env.db(), site="primary", ttl_s=600)
     key_file = workdir / "agent" / "registration.key"
-    key_file.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(key_file.parent)
     KeyFile(url, key, "primary", expires.isoformat(),
             pki_of(env.settings).ca_cert.read_text()).save(key_file)  # fmt: skip
     register(workdir, key_file, host="localhost",

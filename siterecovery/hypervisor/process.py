@@ -15,6 +15,8 @@ Files of a VM named ``NAME`` in ``workdir``::
                       port named ``org.qemu.guest_agent.0`` in the guest
 
 A storage daemon uses ``qsd.qmp``, ``nbd.sock``, ``qsd.log`` and ``qsd.pid`` in its workdir.
+Children run with umask 077 (:data:`siterecovery.fsutil.CHILD_UMASK`): what QEMU creates is
+private. Starting never deletes a file that is not a socket (a stale socket is replaced).
 
 Block nodes of a :class:`DriveSpec` named ``D``: protocol node ``D-file``, format node ``D``;
 in a VM the virtio-blk device has id ``D-dev`` and serial ``D``.
@@ -30,6 +32,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -40,6 +43,7 @@ from typing import Any, ClassVar
 
 from siterecovery.domain import validate_name
 from siterecovery.errors import InputError, NotFoundError
+from siterecovery.fsutil import CHILD_UMASK, open_private
 from siterecovery.hypervisor.errors import ProcessError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -363,25 +367,45 @@ def live_processes() -> list[ManagedProcess]:
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "wb") as log:
-        try:
-            return subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                close_fds=True,
-                start_new_session=True,  # a Ctrl-C aimed at the CLI must not kill the VM
-            )
-        except OSError as exc:
-            raise ProcessError(
-                f"cannot run {argv[0]}: {exc}", hint="install qemu-system-x86 and qemu-utils"
-            ) from exc
+    """Start ``argv`` in its own session, umask 077, output to ``log_path`` (ours, 0600)."""
+    log = open_private(log_path)
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+            start_new_session=True,  # a Ctrl-C aimed at the CLI must not kill the VM
+            umask=CHILD_UMASK,
+        )
+    except OSError as exc:
+        raise ProcessError(
+            f"cannot run {argv[0]}: {exc}", hint="install qemu-system-x86 and qemu-utils"
+        ) from exc
+    finally:
+        os.close(log)
+
+
+def check_socket_slot(path: Path) -> bool:
+    """True if a socket is at ``path``, False if nothing is; InputError for anything else
+    (a file there is never deleted to make room for a socket)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(mode):
+        raise InputError(
+            f"{path} exists and is not a socket: it cannot be the QMP socket",
+            hint="move that file away, or give the VM another QMP socket path",
+        )
+    return True
 
 
 def _claim_socket(path: Path) -> None:
-    """Remove a stale socket file; refuse if a live process still listens on it."""
-    if not path.exists():
+    """Remove a stale socket file; refuse if a live process still listens on it, or if the
+    path holds anything but a socket (see :func:`check_socket_slot`)."""
+    if not check_socket_slot(path):
         return
     if _qmp_greets(path):
         raise ProcessError(

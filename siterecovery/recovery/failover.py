@@ -32,6 +32,7 @@ from pathlib import Path
 
 from siterecovery.domain import Consistency, FailoverKind, ReplicationState
 from siterecovery.errors import HypervisorError, InputError, SiteRecoveryError
+from siterecovery.fsutil import private_dir
 from siterecovery.hypervisor.process import QemuProcess, qmp_execute
 from siterecovery.recovery import instant, network
 from siterecovery.recovery.errors import FailoverError
@@ -316,7 +317,7 @@ class FailoverService:
         slot = TEST_SLOT if kind == FailoverKind.TEST else FAILOVER_SLOT
         workdir = self._slot_dir(vm, slot)
         remove_slot(workdir)
-        workdir.mkdir(parents=True)
+        private_dir(workdir)
         forwards = [network.PortForward.parse(f) for f in opts.expose]
         nics = network.plan_nics(vm, point.vm_config, network.list_mappings(self.db),
                                  test=kind == FailoverKind.TEST)  # fmt: skip
@@ -515,10 +516,11 @@ def materialize(
     progress: DiskProgress | None = None,
 ) -> MaterializedDisks:
     """Restore every disk of ``point`` into ``dest_dir`` as ``<disk>.<fmt>``, verified; each
-    image appears only when complete (temporary file + rename)."""
+    image appears only when complete (temporary file + rename), 0600; a new ``dest_dir`` is
+    made 0700, with any missing parents."""
     if fmt not in ("raw", "qcow2"):
         raise InputError(f"unknown disk format {fmt!r}", hint="use raw or qcow2")
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(dest_dir)
     started = time.monotonic()
     paths: dict[str, Path] = {}
     for disk in disk_order(point):

@@ -1,0 +1,118 @@
+"""What `siterecovery` leaves on disk, run as a user runs it under the usual umask 022.
+
+- a fresh `vault init` work directory holds only 0700 directories and 0600 files (database,
+  its WAL and shared memory, key file, store, TLS files), and after a protect, cycles and a
+  restore the store's chunks and the restored images too.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec
+from siterecovery.settings import Settings
+from siterecovery.store.keys import StoreKeys
+from siterecovery.store.repository import ReplicaStore
+from siterecovery.vault import service
+from siterecovery.vault.db import open_database
+
+from .test_app import run
+
+import filesafety  # isort: skip
+
+#: 1 MiB of incompressible guest data.
+PLAINTEXT = random.Random(20240601).randbytes(1 << 20)
+DISK_SIZE = 8 << 20
+
+
+@pytest.fixture(autouse=True)
+def umask_022() -> Iterator[None]:
+    with filesafety.umask(0o022):
+        yield
+
+
+def _store(workdir: Path) -> ReplicaStore:
+    settings = Settings.load(workdir)
+    return ReplicaStore.open(settings.store_url, StoreKeys.load(settings.key_file))
+
+
+def test_a_fresh_vault_is_private(tmp_path: Path) -> None:
+    workdir = tmp_path / "vault"
+    run(workdir, "vault", "init")
+    assert filesafety.not_private(workdir) == []
+    made = set(filesafety.snapshot(workdir))
+    assert {"vault.db", "store.key", "siterecovery.json", "store/siterecovery-store.json",
+            "pki/ca.key", "pki/ca.pem", "pki/server.key", "pki/server.pem"} <= made  # fmt: skip
+
+    db = open_database(Settings.load(workdir).vault_url)  # the WAL exists while it is open
+    try:
+        service.create_policy(db, name="p", copy_frequency_s=30, retention_h=24)
+        for name in ("vault.db-wal", "vault.db-shm"):
+            assert (workdir / name).exists(), name
+        assert filesafety.not_private(workdir) == []
+    finally:
+        db.close()
+
+
+@dataclass
+class Protected:
+    """A vault with a protected, paused QEMU VM whose disk holds :data:`PLAINTEXT`."""
+
+    workdir: Path
+    disk: Path
+    vm: QemuProcess
+
+
+def _guest_disk(path: Path) -> None:
+    raw = path.with_suffix(".raw")
+    raw.write_bytes(PLAINTEXT)
+    with raw.open("r+b") as f:
+        f.truncate(DISK_SIZE)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
+                   check=True, capture_output=True)  # fmt: skip
+    raw.unlink()
+
+
+@pytest.fixture
+def protected(tmp_path: Path) -> Iterator[Protected]:
+    workdir = tmp_path / "vault"
+    run(workdir, "vault", "init")
+    run(workdir, "policy", "create", "gold")
+    vmdir = tmp_path / "vm"
+    vmdir.mkdir()
+    disk = vmdir / "disk0.qcow2"
+    _guest_disk(disk)
+    vm = QemuProcess.start(VmProcessSpec(name="vm1", workdir=vmdir,
+                                         drives=[DriveSpec("disk0", disk)], extra_args=["-S"]))
+    try:
+        run(workdir, "vm", "register", "vm1", "--qmp", str(vm.qmp_path))
+        run(workdir, "protect", "vm1", "--policy", "gold")
+        run(workdir, "replicate", "vm1")
+        yield Protected(workdir, disk, vm)
+    finally:
+        vm.stop()
+
+
+def _chunks(workdir: Path) -> list[Path]:
+    return [p for p in (workdir / "store" / "chunks").rglob("*") if p.is_file()]
+
+
+@pytest.mark.qemu
+def test_store_after_protect_and_a_restore_is_private(
+    protected: Protected, tmp_path: Path
+) -> None:
+    assert _chunks(protected.workdir)
+    out = tmp_path / "restored"
+    run(protected.workdir, "restore", "vm1", "--to", str(out))
+    compare = subprocess.run(["qemu-img", "compare", "-U", str(protected.disk),
+                              str(out / "disk0.qcow2")], capture_output=True, text=True,
+                             check=False)  # fmt: skip
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    assert filesafety.not_private(protected.workdir) == []
+    assert filesafety.not_private(out) == []
