@@ -1,7 +1,7 @@
 """``siterecovery demo``: the whole DR loop on a tiny real guest, verified.
 
-What it does, on the embedded default (SQLite vault + ``file://`` replica store, under one
-work directory):
+What it does, on the embedded default (SQLite vault + encrypted ``file://`` replica store,
+under one work directory):
 
 1. builds the demo guest (the host's kernel + a busybox initramfs) and starts the **primary
    VM** under QEMU with two qcow2 disks; the guest writes numbered 64 KiB records to its data
@@ -61,13 +61,13 @@ from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpe
 from siterecovery.recovery.failover import FailoverService
 from siterecovery.replication.engine import CycleResult
 from siterecovery.settings import Settings
-from siterecovery.store.keys import StoreKeys
 from siterecovery.store.manifest import PointManifest
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.vault import points, service
 from siterecovery.vault.db import Database, open_database
 from siterecovery.vault.models import SiteRole
 from siterecovery.vault.records import JobRecord
+from siterecovery.workdir import init_workdir
 
 VM = "demo-vm"
 POLICY = "demo-30s"
@@ -151,9 +151,9 @@ class Demo:
     def _run(self) -> DemoSummary:
         accel = self.opts.accel or probe_accel()
         self._prepare_workdir()
+        store = self._init_store()
         db = open_database(self.settings.vault_url)
         self.stack.callback(db.close)
-        store = self._init_store()
         primary = self._start_primary(accel)
         protection = EmbeddedAgent(
             db, store, self.settings.run_dir, on_job=self._show_job_change, progress=None
@@ -211,10 +211,10 @@ class Demo:
         self.console.print(f"work directory: {workdir}   guest seed: {self.seed}")
 
     def _init_store(self) -> ReplicaStore:
-        keys = StoreKeys.generate()
-        keys.save(self.settings.key_file)
-        store = ReplicaStore.init(self.settings.store_url, keys)
-        self.console.print(f"replica store: {store.url} (key file {self.settings.key_file})")
+        store = init_workdir(self.settings, pki=False)  # encrypted, as `vault init` makes it
+        self.console.print(
+            f"replica store: {store.url}, encrypted (key file {self.settings.key_file})"
+        )
         return store
 
     def _start_primary(self, accel: str) -> QemuProcess:

@@ -250,14 +250,19 @@ def _up(get_env: GetEnv) -> Callable[..., None]:
         qmp: Annotated[
             list[str] | None, typer.Option(help="Glob of the local VMs' QMP sockets (repeatable).")
         ] = None,
+        encrypt: Annotated[
+            bool,
+            typer.Option(help="Encrypt a new store at rest, the default (only on first start)."),
+        ] = True,
     ) -> None:
         """Start the vault and a local agent together (the embedded default).
 
-        Initializes the vault in WORKDIR if needed, writes an admin token to
-        WORKDIR/admin.token and registers this host's agent on first start.
+        Initializes the vault in WORKDIR if needed (the store encrypted unless --no-encrypt),
+        writes an admin token to WORKDIR/admin.token and registers this host's agent on first
+        start.
         """
         env = get_env(ctx)
-        _ensure_vault(env)
+        _ensure_vault(env, encrypt=encrypt)
         vault = _start_vault(env, port)
         try:
             url = f"https://127.0.0.1:{port}"
@@ -283,20 +288,15 @@ def _require_vault(env: Env) -> None:
     env.db()  # NotFoundError with the hint to run `vault init`
 
 
-def _ensure_vault(env: Env) -> None:
-    settings = env.settings
-    if settings.key_file.exists():
-        return
-    from siterecovery.store.keys import StoreKeys
-    from siterecovery.store.repository import ReplicaStore
-    from siterecovery.vault.db import open_database
+def _ensure_vault(env: Env, *, encrypt: bool) -> None:
+    """Initialize the work directory on the first start (as `vault init` does)."""
+    from siterecovery.workdir import UNENCRYPTED_WARNING, init_workdir
 
-    private_dir(settings.workdir)
-    keys = StoreKeys.generate()
-    ReplicaStore.init(settings.store_url, keys, encrypted=False)
-    keys.save(settings.key_file)
-    open_database(settings.vault_url).close()
-    settings.save()
+    if env.settings.key_file.exists():
+        return
+    init_workdir(env.settings, encrypted=encrypt)
+    if not encrypt:
+        output.warn(UNENCRYPTED_WARNING)
 
 
 def _start_vault(env: Env, port: int) -> subprocess.Popen[bytes]:

@@ -2,7 +2,9 @@
 
 - a fresh `vault init` work directory holds only 0700 directories and 0600 files (database,
   its WAL and shared memory, key file, store, TLS files), and after a protect, cycles and a
-  restore the store's chunks and the restored images too.
+  restore the store's chunks too;
+- the store is encrypted by default: no chunk holds the guest's plaintext; `--no-encrypt`
+  warns, and then the plaintext is there (so the check can fail).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from .test_app import run
 
 import filesafety  # isort: skip
 
-#: 1 MiB of incompressible guest data.
+#: 1 MiB of incompressible guest data; a chunk that holds it in clear holds this window.
 PLAINTEXT = random.Random(20240601).randbytes(1 << 20)
+WINDOW = PLAINTEXT[4096:4160]
 DISK_SIZE = 8 << 20
 
 
@@ -42,13 +45,15 @@ def _store(workdir: Path) -> ReplicaStore:
     return ReplicaStore.open(settings.store_url, StoreKeys.load(settings.key_file))
 
 
-def test_a_fresh_vault_is_private(tmp_path: Path) -> None:
+def test_a_fresh_vault_is_private_and_encrypted(tmp_path: Path) -> None:
     workdir = tmp_path / "vault"
-    run(workdir, "vault", "init")
+    result = run(workdir, "vault", "init")
+    assert "(encrypted)" in result.stdout and "warning" not in result.stderr
     assert filesafety.not_private(workdir) == []
     made = set(filesafety.snapshot(workdir))
     assert {"vault.db", "store.key", "siterecovery.json", "store/siterecovery-store.json",
             "pki/ca.key", "pki/ca.pem", "pki/server.key", "pki/server.pem"} <= made  # fmt: skip
+    assert _store(workdir).encrypted
 
     db = open_database(Settings.load(workdir).vault_url)  # the WAL exists while it is open
     try:
@@ -58,6 +63,16 @@ def test_a_fresh_vault_is_private(tmp_path: Path) -> None:
         assert filesafety.not_private(workdir) == []
     finally:
         db.close()
+
+
+def test_no_encrypt_warns_that_the_disks_are_readable(tmp_path: Path) -> None:
+    workdir = tmp_path / "vault"
+    result = run(workdir, "vault", "init", "--no-encrypt")
+    said = " ".join(result.stderr.split())
+    assert "warning" in said and "readable by anyone who can read the store" in said
+    assert "(not encrypted)" in result.stdout
+    assert not _store(workdir).encrypted
+    assert filesafety.not_private(workdir) == []
 
 
 @dataclass
@@ -79,10 +94,10 @@ def _guest_disk(path: Path) -> None:
     raw.unlink()
 
 
-@pytest.fixture
-def protected(tmp_path: Path) -> Iterator[Protected]:
+@pytest.fixture(params=[True, False], ids=["encrypted", "no-encrypt"])
+def protected(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Protected]:
     workdir = tmp_path / "vault"
-    run(workdir, "vault", "init")
+    run(workdir, "vault", "init", *([] if request.param else ["--no-encrypt"]))
     run(workdir, "policy", "create", "gold")
     vmdir = tmp_path / "vm"
     vmdir.mkdir()
@@ -104,10 +119,16 @@ def _chunks(workdir: Path) -> list[Path]:
 
 
 @pytest.mark.qemu
-def test_store_after_protect_and_a_restore_is_private(
+def test_store_after_protect_is_private_and_only_ciphertext(
     protected: Protected, tmp_path: Path
 ) -> None:
-    assert _chunks(protected.workdir)
+    chunks = _chunks(protected.workdir)
+    assert chunks
+    holding = [c for c in chunks if WINDOW in c.read_bytes()]
+    if _store(protected.workdir).encrypted:
+        assert holding == []  # the guest's bytes are nowhere in clear
+    else:
+        assert holding  # in clear: what --no-encrypt warns about
     out = tmp_path / "restored"
     run(protected.workdir, "restore", "vm1", "--to", str(out))
     compare = subprocess.run(["qemu-img", "compare", "-U", str(protected.disk),
