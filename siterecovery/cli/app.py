@@ -423,14 +423,20 @@ def job_show(
 def restore(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="A protected VM.")],
-    to: Annotated[Path, typer.Option(help="Directory for the disk images.")],
+    to: Annotated[
+        Path, typer.Option(help="Directory for the disk images: a new one, or empty.")
+    ],
     point: Annotated[str, typer.Option(help="Recovery point id, or latest.")] = "latest",
     fmt: Annotated[str, typer.Option("--format", help="raw or qcow2.")] = "qcow2",
 ) -> None:
-    """Export a recovery point's disks as images, every byte verified."""
-    from siterecovery.recovery.failover import materialize
+    """Export a recovery point's disks as images, every byte verified.
+
+    The images are written into a new (or empty) directory, never over existing files.
+    """
+    from siterecovery.recovery.failover import check_restore_dir, materialize
     from siterecovery.vault import points
 
+    check_restore_dir(to)  # bad input first: nothing is read or written before this
     env = _env(ctx)
     point_id = point
     if point == "latest":

@@ -516,10 +516,14 @@ def materialize(
     progress: DiskProgress | None = None,
 ) -> MaterializedDisks:
     """Restore every disk of ``point`` into ``dest_dir`` as ``<disk>.<fmt>``, verified; each
-    image appears only when complete (temporary file + rename), 0600; a new ``dest_dir`` is
-    made 0700, with any missing parents."""
+    image appears only when complete (temporary file + rename), 0600.
+
+    ``dest_dir`` must be new (it is made 0700, with any missing parents) or empty: InputError
+    otherwise, before anything is written.
+    """
     if fmt not in ("raw", "qcow2"):
         raise InputError(f"unknown disk format {fmt!r}", hint="use raw or qcow2")
+    check_restore_dir(dest_dir)
     private_dir(dest_dir)
     started = time.monotonic()
     paths: dict[str, Path] = {}
@@ -529,6 +533,24 @@ def materialize(
         store.restore_disk(point, disk, dest, fmt=fmt, progress=bound)
         paths[disk] = dest
     return MaterializedDisks(point.point_id, paths, time.monotonic() - started)
+
+
+def check_restore_dir(dest_dir: Path) -> None:
+    """InputError unless ``dest_dir`` is an empty directory or can be made as a new one.
+
+    A restore writes only new files: it never replaces, truncates or mixes into what is
+    already at the destination.
+    """
+    hint = "name a new directory (it is created) or an empty one; nothing was written"
+    at = dest_dir
+    while not at.exists() and not at.is_symlink() and at.parent != at:
+        at = at.parent
+    if not at.is_dir():
+        raise InputError(f"cannot restore into {dest_dir}: {at} exists and is not a directory",
+                         hint=hint)  # fmt: skip
+    if at == dest_dir and any(dest_dir.iterdir()):
+        raise InputError(f"cannot restore into {dest_dir}: the directory is not empty",
+                         hint=hint)  # fmt: skip
 
 
 def _bind(progress: DiskProgress, disk: str) -> Callable[[int, int], None]:

@@ -4,7 +4,9 @@
   its WAL and shared memory, key file, store, TLS files), and after a protect, cycles and a
   restore the store's chunks too;
 - the store is encrypted by default: no chunk holds the guest's plaintext; `--no-encrypt`
-  warns, and then the plaintext is there (so the check can fail).
+  warns, and then the plaintext is there (so the check can fail);
+- `restore --to` an existing file, a non-empty directory or a path under a file is refused
+  with exit code 2, naming the path, and writes nothing.
 """
 
 from __future__ import annotations
@@ -137,3 +139,27 @@ def test_store_after_protect_is_private_and_only_ciphertext(
     assert compare.returncode == 0, compare.stdout + compare.stderr
     assert filesafety.not_private(protected.workdir) == []
     assert filesafety.not_private(out) == []
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("protected", [True], ids=["encrypted"], indirect=True)
+def test_restore_refuses_what_exists_and_writes_nothing(
+    protected: Protected, tmp_path: Path
+) -> None:
+    area = tmp_path / "user"
+    area.mkdir()
+    (area / "disk0.qcow2").write_bytes(b"the user's own image")
+    (area / "full").mkdir()
+    (area / "full" / "notes.txt").write_text("keep me")
+    before = filesafety.snapshot(area)
+    for target, words in (
+        (area / "disk0.qcow2", "exists and is not a directory"),
+        (area / "full", "is not empty"),
+        (area / "disk0.qcow2" / "sub", "exists and is not a directory"),
+    ):
+        result = run(protected.workdir, "restore", "vm1", "--to", str(target), check=False)
+        said = " ".join(result.stderr.split())  # as one line, whatever the terminal width
+        assert result.returncode == 2, said
+        assert str(target) in said and words in said
+        assert "hint:" in said and "Traceback" not in said
+        assert filesafety.snapshot(area) == before
