@@ -7,7 +7,8 @@ job of the QMP client module.
 
 Files of a VM named ``NAME`` in ``workdir``::
 
-    NAME.qmp          QMP monitor socket (one client at a time)
+    NAME.qmp          QMP monitor socket (one client at a time), unless the spec names
+                      another path for it (``qmp``): then only the socket is there
     NAME.serial.log   the guest's first serial port, truncated at each start
     NAME.log          QEMU's own stdout and stderr
     NAME.pid          QEMU's pidfile
@@ -101,6 +102,8 @@ class VmProcessSpec:
     reboot makes QEMU exit, which is what a test harness wants to see. ``guest_agent`` adds
     a virtio-serial controller and the ``org.qemu.guest_agent.0`` port on ``NAME.qga``, where
     :class:`~siterecovery.hypervisor.guestagent.GuestAgent` talks to qemu-ga in the guest.
+    ``qmp`` puts the QMP socket elsewhere than ``workdir/NAME.qmp`` (a path the operator
+    named); every other file stays in ``workdir``.
     """
 
     name: str
@@ -117,6 +120,12 @@ class VmProcessSpec:
     machine: str = "q35"
     no_reboot: bool = True
     guest_agent: bool = False
+    qmp: Path | None = None
+
+    @property
+    def qmp_path(self) -> Path:
+        """The QMP monitor socket."""
+        return self.qmp if self.qmp is not None else self.workdir / f"{self.name}.qmp"
 
     @property
     def qga_path(self) -> Path:
@@ -142,7 +151,7 @@ class VmProcessSpec:
             if nic not in NIC_KINDS:
                 raise InputError(f"unknown NIC kind {nic!r}", hint="use 'user'")
         self._validate_boot()
-        _check_socket_path(self.workdir / f"{self.name}.qmp")
+        _check_socket_path(self.qmp_path)
         if self.guest_agent:
             _check_socket_path(self.qga_path)
 
@@ -162,7 +171,7 @@ def qemu_argv(spec: VmProcessSpec) -> list[str]:
         ("-machine", f"{spec.machine},accel={spec.accel}"),
         ("-m", str(spec.memory_mib)),
         ("-smp", str(spec.cpus)),
-        ("-chardev", f"socket,id=qmp,path={_opt(wd / f'{spec.name}.qmp')},server=on,wait=off"),
+        ("-chardev", f"socket,id=qmp,path={_opt(spec.qmp_path)},server=on,wait=off"),
         ("-mon", "chardev=qmp,mode=control"),
         ("-chardev", f"file,id=serial0,path={_opt(wd / f'{spec.name}.serial.log')}"),
         ("-serial", "chardev:serial0"),
@@ -438,7 +447,7 @@ class QemuProcess(ManagedProcess):
         super().__init__(
             popen,
             label=f"VM {spec.name}",
-            qmp_path=wd / f"{spec.name}.qmp",
+            qmp_path=spec.qmp_path,
             log_path=wd / f"{spec.name}.log",
         )
         self.spec = spec
@@ -452,7 +461,7 @@ class QemuProcess(ManagedProcess):
         QEMU exits or stays silent (the process is killed; the message holds its log tail).
         """
         spec.validate()
-        _claim_socket(spec.workdir / f"{spec.name}.qmp")
+        _claim_socket(spec.qmp_path)
         popen = _spawn(qemu_argv(spec), spec.workdir / f"{spec.name}.log")
         proc = cls(popen, spec)
         proc._await_qmp(timeout)
