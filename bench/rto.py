@@ -93,7 +93,7 @@ def build_site(root: Path, guest_cache: Path, disks: dict[str, Path]) -> None:
     guest = build_guest(guest_cache)
     keys = StoreKeys.generate()
     keys.save(root / "store.key")
-    store = ReplicaStore.init(f"file://{root / 'store'}", keys)
+    store = ReplicaStore.init(f"file://{root / 'store'}", keys, encrypted=False)  # as measured
     db = _db(root)
     try:
         service.ensure_site(db, name="primary", role=SiteRole.PRIMARY)

@@ -1,7 +1,7 @@
 """``siterecovery demo``: the whole DR loop on a tiny real guest, verified.
 
-What it does, on the embedded default (SQLite vault + ``file://`` replica store, under one
-work directory):
+What it does, on the embedded default (SQLite vault + encrypted ``file://`` replica store,
+under one work directory):
 
 1. builds the demo guest (the host's kernel + a busybox initramfs) and starts the **primary
    VM** under QEMU with two qcow2 disks; the guest writes numbered 64 KiB records to its data
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import secrets
 import shutil
@@ -47,6 +48,7 @@ from rich.table import Table
 
 from siterecovery.agent.embedded import EmbeddedAgent, EmbeddedFailover
 from siterecovery.domain import ReplicationState
+from siterecovery.fsutil import CHILD_UMASK, open_private, private_dir
 from siterecovery.hypervisor.guest import (
     RECORD_SIZE,
     build_guest,
@@ -58,13 +60,13 @@ from siterecovery.hypervisor.guest import (
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec, probe_accel
 from siterecovery.replication.engine import CycleResult
 from siterecovery.settings import Settings
-from siterecovery.store.keys import StoreKeys
 from siterecovery.store.manifest import PointManifest
 from siterecovery.store.repository import ReplicaStore
 from siterecovery.vault import points, service
 from siterecovery.vault.db import Database, open_database
 from siterecovery.vault.models import SiteRole
 from siterecovery.vault.records import JobRecord
+from siterecovery.workdir import init_workdir
 
 VM = "demo-vm"
 POLICY = "demo-30s"
@@ -148,9 +150,9 @@ class Demo:
     def _run(self) -> DemoSummary:
         accel = self.opts.accel or probe_accel()
         self._prepare_workdir()
+        store = self._init_store()
         db = open_database(self.settings.vault_url)
         self.stack.callback(db.close)
-        store = self._init_store()
         primary = self._start_primary(accel)
         protection = EmbeddedAgent(
             db, store, self.settings.run_dir, on_job=self._show_job_change, progress=None
@@ -203,15 +205,15 @@ class Demo:
         if workdir.exists() and any(workdir.iterdir()):
             shutil.rmtree(workdir)
         for path in (workdir, self.settings.run_dir, self.settings.recovery_dir):
-            path.mkdir(parents=True, exist_ok=True)
+            private_dir(path)
         self.console.rule("[bold]siterecovery demo")
         self.console.print(f"work directory: {workdir}   guest seed: {self.seed}")
 
     def _init_store(self) -> ReplicaStore:
-        keys = StoreKeys.generate()
-        keys.save(self.settings.key_file)
-        store = ReplicaStore.init(self.settings.store_url, keys)
-        self.console.print(f"replica store: {store.url} (key file {self.settings.key_file})")
+        store = init_workdir(self.settings, pki=False)  # encrypted, as `vault init` makes it
+        self.console.print(
+            f"replica store: {store.url}, encrypted (key file {self.settings.key_file})"
+        )
         return store
 
     def _start_primary(self, accel: str) -> QemuProcess:
@@ -219,8 +221,7 @@ class Demo:
         cache = Path(platformdirs.user_cache_dir("siterecovery")) / "guest"
         with self.console.status("building the demo guest (host kernel + busybox initramfs)"):
             guest = build_guest(cache)
-        primary_dir = self.settings.workdir / "primary"
-        primary_dir.mkdir()
+        primary_dir = private_dir(self.settings.workdir / "primary")
         system, data = primary_dir / "system.qcow2", primary_dir / "data.qcow2"
         _seed_system_disk(system, self.seed)
         make_disk(data, DATA_DISK_SIZE)
@@ -331,8 +332,7 @@ class Demo:
         """Restore every point's data disk on the host and check it record by record."""
         self.console.rule("verification")
         checked = 0
-        scratch = self.settings.workdir / "verify"
-        scratch.mkdir(exist_ok=True)
+        scratch = private_dir(self.settings.workdir / "verify")
         for point in store.list_points(VM):
             bounds = self._acked.get(point.point_id, (0, 0))
             found = _records_in_point(store, point, scratch / f"{point.point_id}.raw", self.seed)
@@ -477,12 +477,12 @@ def _seed_system_disk(path: Path, seed: int) -> None:
     """A system disk with 16 MiB of data, so the initial copy has something to move."""
     raw = path.with_suffix(".raw")
     rng = random.Random(seed)
-    with raw.open("wb") as f:
+    with os.fdopen(open_private(raw, exclusive=True), "wb") as f:
         f.write(rng.randbytes(8 << 20))
         f.write(b"siterecovery demo system disk\n" * ((8 << 20) // 30))
         f.truncate(SYSTEM_DISK_SIZE)
     subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
-                   check=True)  # fmt: skip
+                   check=True, umask=CHILD_UMASK)  # fmt: skip
     raw.unlink()
 
 

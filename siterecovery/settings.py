@@ -8,8 +8,11 @@ directory::
       store/            the replica store (file://)
       store.key         the store's key file (back it up: without it the store is unreadable)
       run/              agent runtime: NBD sockets, fleecing overlays
-      recovery/         disks and processes of failed-over VMs
+      recovery/         disks and processes of failed-over VMs, and of failed-back primaries
+      pki/              the vault's CA and server certificate
       siterecovery.json where `vault init` recorded a non-default vault or store URL
+
+Everything siterecovery makes there is 0600 in 0700 directories (:mod:`siterecovery.fsutil`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
+
+from siterecovery.fsutil import private_dir, write_private
 
 ENV_WORKDIR = "SITERECOVERY_WORKDIR"
 CONFIG_NAME = "siterecovery.json"
@@ -43,16 +48,18 @@ class Settings:
         return self.workdir / "recovery"
 
     @property
+    def pki_dir(self) -> Path:
+        return self.workdir / "pki"
+
+    @property
     def config_file(self) -> Path:
         return self.workdir / CONFIG_NAME
 
     def save(self) -> None:
         """Record the vault and store URLs in the work directory (for later commands)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.workdir)
         doc = {"vault_url": self.vault_url, "store_url": self.store_url}
-        tmp = self.config_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        tmp.replace(self.config_file)
+        write_private(self.config_file, (json.dumps(doc, indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, workdir: Path | None = None) -> Settings:

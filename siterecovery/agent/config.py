@@ -3,8 +3,10 @@
 ``WORKDIR/agent/`` holds::
 
     agent.json      AgentConfig: vault URL, host name, store URL and key file, QMP globs...
-    credential      the host's own credential (0600), from registration
+    credential      the host's own credential, from registration
     vault-ca.pem    the vault's CA certificate, pinned for every call
+
+all 0600 in a 0700 directory (:mod:`siterecovery.fsutil`).
 
 A **registration key file** (made by `siterecovery registration-key create`, the seed's
 "vault credentials") is one JSON object: ``vault_url``, ``key`` (one-time, expiring),
@@ -14,12 +16,12 @@ A **registration key file** (made by `siterecovery registration-key create`, the
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from siterecovery.errors import InputError, NotFoundError
+from siterecovery.fsutil import private_dir, write_private
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,12 @@ class AgentConfig:
         return workdir / "agent"
 
     def save(self, workdir: Path, *, credential: str, ca_pem: str) -> None:
-        """Write the config, the credential (0600) and the pinned CA under ``workdir/agent``."""
+        """Write the config, the credential and the pinned CA under ``workdir/agent`` (0600)."""
         root = self.dir_of(workdir)
-        root.mkdir(parents=True, exist_ok=True)
-        write_file(root / "credential", credential + "\n", 0o600)
-        write_file(root / "vault-ca.pem", ca_pem, 0o644)
-        write_file(root / "agent.json", json.dumps(asdict(self), indent=2) + "\n", 0o644)
+        private_dir(root)
+        write_private(root / "credential", (credential + "\n").encode())
+        write_private(root / "vault-ca.pem", ca_pem.encode())
+        write_private(root / "agent.json", (json.dumps(asdict(self), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, workdir: Path) -> tuple[AgentConfig, str, Path]:
@@ -78,7 +80,7 @@ class KeyFile:
     host: str = ""
 
     def save(self, path: Path) -> None:
-        write_file(path, json.dumps(asdict(self), indent=2) + "\n", 0o600)
+        write_private(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: Path) -> KeyFile:
@@ -100,13 +102,3 @@ class KeyFile:
             raise InputError(f"{path}: the key's host name is not a text")
         return cls(**{f: doc[f] for f in fields}, host=host)
 
-
-def write_file(path: Path, text: str, mode: int) -> None:
-    """Write ``text`` to ``path`` atomically, created with ``mode`` (never wider)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)

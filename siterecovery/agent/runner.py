@@ -26,6 +26,7 @@ from siterecovery.api.client import VaultClient
 from siterecovery.api.port import RemoteVaultPort
 from siterecovery.domain import NAME_RE, validate_name
 from siterecovery.errors import InputError, SiteRecoveryError
+from siterecovery.fsutil import private_dir, write_private
 from siterecovery.replication.protection import discovered_vm
 from siterecovery.store.keys import StoreKeys
 from siterecovery.store.repository import ReplicaStore
@@ -58,8 +59,8 @@ def register(
         )
     name = validate_name("host", host or key.host or socket.gethostname().split(".")[0])
     ca_tmp = AgentConfig.dir_of(workdir) / "vault-ca.pem"
-    ca_tmp.parent.mkdir(parents=True, exist_ok=True)
-    ca_tmp.write_text(key.ca_pem)
+    private_dir(ca_tmp.parent)
+    write_private(ca_tmp, key.ca_pem.encode())
     url = vault_url or key.vault_url
     with VaultClient(url, ca_file=ca_tmp, retry_for_s=10) as client:
         done = client.post("/v1/agent/register", {"key": key.key, "host": name})

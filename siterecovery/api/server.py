@@ -23,7 +23,7 @@ DEFAULT_PORT = 8443
 
 def pki_of(settings: Settings, names: Sequence[str] = ()) -> Pki:
     """The vault's TLS files under ``WORKDIR/pki``, made if missing."""
-    return ensure_pki(settings.workdir / "pki", hostnames=names)
+    return ensure_pki(settings.pki_dir, hostnames=names)
 
 
 def serve(

@@ -3,11 +3,13 @@
 Layout (``WORKDIR/pki``)::
 
     ca.pem        the CA certificate: copy it to agents and CLIs, which pin it
-    ca.key        the CA's private key (0600): stays on the vault host
+    ca.key        the CA's private key: stays on the vault host
     server.pem    the server certificate (localhost, 127.0.0.1, ::1, this host's names, extra)
-    server.key    its private key (0600)
+    server.key    its private key
 
-Keys are ECDSA P-256. :func:`ensure_pki` is idempotent: existing files are kept (a server
+Every file is 0600 in a 0700 directory (:mod:`siterecovery.fsutil`); ``ca.pem`` is public,
+but it is handed out by copying, not by reading it in place. Keys are ECDSA P-256.
+:func:`ensure_pki` is idempotent: existing files are kept (a server
 certificate missing a requested name is re-issued by the same CA). Clients build their TLS
 context with :func:`client_context`, which trusts **only** the pinned CA.
 """
@@ -15,7 +17,6 @@ context with :func:`client_context`, which trusts **only** the pinned CA.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import ssl
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from siterecovery.errors import InputError, NotFoundError
+from siterecovery.fsutil import private_dir, write_private
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -60,7 +62,7 @@ class Pki:
 def ensure_pki(root: Path, *, hostnames: Sequence[str] = ()) -> Pki:
     """Make (or keep) the CA and a server certificate valid for ``hostnames`` and local names."""
     pki = Pki(root)
-    root.mkdir(parents=True, exist_ok=True)
+    private_dir(root)
     if not pki.ca_cert.exists():
         _make_ca(pki)
     names = _names(hostnames)
@@ -139,7 +141,7 @@ def _make_ca(pki: Pki) -> None:
         .sign(key, hashes.SHA256())
     )  # fmt: skip
     _write_key(pki.ca_key, key)
-    _write(pki.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_private(pki.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _make_server(pki: Pki, names: Sequence[str]) -> None:
@@ -162,7 +164,7 @@ def _make_server(pki: Pki, names: Sequence[str]) -> None:
         .sign(ca_key, hashes.SHA256())
     )  # fmt: skip
     _write_key(pki.server_key, key)
-    _write(pki.server_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_private(pki.server_cert, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -171,15 +173,4 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write(path, data, 0o600)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` atomically with ``mode`` (created with it, never wider)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    write_private(path, data)

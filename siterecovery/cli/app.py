@@ -148,7 +148,13 @@ def vault_init(
     store: Annotated[
         str | None, typer.Option(help="Replica store URL (default: file://WORKDIR/store).")
     ] = None,
-    encrypt: Annotated[bool, typer.Option(help="Encrypt data at rest (AES-256-GCM).")] = False,
+    encrypt: Annotated[
+        bool,
+        typer.Option(
+            help="Encrypt data at rest (AES-256-GCM), the default; --no-encrypt leaves the "
+            "replicated disks readable by anyone who can read the store.",
+        ),
+    ] = True,
     passphrase: Annotated[
         bool,
         typer.Option(
@@ -162,13 +168,11 @@ def vault_init(
         typer.Option(exists=True, dir_okay=False, help="Read the passphrase from this file."),
     ] = None,
 ) -> None:
-    """Create the embedded vault (SQLite), the replica store and its key file."""
+    """Create the embedded vault (SQLite), the replica store (encrypted) and its key file."""
     from siterecovery.cli.store_cmd import read_passphrase
     from siterecovery.store.backend import open_backend
-    from siterecovery.store.keys import StoreKeys
     from siterecovery.store.keywrap import check_new_passphrase
-    from siterecovery.store.repository import ReplicaStore
-    from siterecovery.vault.db import open_database
+    from siterecovery.workdir import UNENCRYPTED_WARNING, init_workdir
 
     base = _env(ctx).settings
     settings = Settings.embedded(base.workdir, store_url=store)
@@ -177,22 +181,17 @@ def vault_init(
             f"a vault already exists in {settings.workdir}",
             hint="use another --workdir, or remove that directory to start over",
         )
-    from siterecovery.api.server import pki_of
-
-    open_backend(settings.store_url)  # a bad URL is refused before anything is created
+    open_backend(settings.store_url)  # a bad URL is refused before anything is asked
     phrase = None
     if passphrase or passphrase_file is not None:  # asked before anything is created
         phrase = check_new_passphrase(
             read_passphrase(passphrase_file, what="Passphrase for the store keys", confirm=True)
         )
-    settings.workdir.mkdir(parents=True, exist_ok=True)
-    keys = StoreKeys.generate()
-    ReplicaStore.init(settings.store_url, keys, encrypted=encrypt, passphrase=phrase)
-    keys.save(settings.key_file)
-    open_database(settings.vault_url).close()
-    pki_of(settings)  # the vault's CA and server certificate, pinned by agents and clients
-    settings.save()
-    output.out.print(f"vault: {settings.vault_url}\nstore: {settings.store_url}")
+    init_workdir(settings, encrypted=encrypt, passphrase=phrase)
+    output.out.print(f"vault: {settings.vault_url}\nstore: {settings.store_url}"
+                     f" ({'encrypted' if encrypt else 'not encrypted'})")  # fmt: skip
+    if not encrypt:
+        output.warn(UNENCRYPTED_WARNING)
     output.out.print(
         f"[bold]back up {settings.key_file}[/] (`siterecovery store key export`): without it"
         + (" or the passphrase" if phrase else "")
@@ -412,14 +411,20 @@ def jobs(
 def restore(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="A protected VM.")],
-    to: Annotated[Path, typer.Option(help="Directory for the disk images.")],
+    to: Annotated[
+        Path, typer.Option(help="Directory for the disk images: a new one, or empty.")
+    ],
     point: Annotated[str, typer.Option(help="Recovery point id, or latest.")] = "latest",
     fmt: Annotated[str, typer.Option("--format", help="raw or qcow2.")] = "qcow2",
 ) -> None:
-    """Export a recovery point's disks as images, every byte verified."""
-    from siterecovery.recovery.failover import materialize
+    """Export a recovery point's disks as images, every byte verified.
+
+    The images are written into a new (or empty) directory, never over existing files.
+    """
+    from siterecovery.recovery.failover import check_restore_dir, materialize
     from siterecovery.vault import points
 
+    check_restore_dir(to)  # bad input first: nothing is read or written before this
     env = _env(ctx)
     point_id = point
     if point == "latest":

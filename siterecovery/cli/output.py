@@ -21,6 +21,11 @@ out = Console()
 err = Console(stderr=True)
 
 
+def warn(message: str) -> None:
+    """A warning on stderr (also with ``--json``, which keeps stdout for the document)."""
+    err.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
 def to_jsonable(value: Any) -> Any:
     """Records, enums, datetimes and paths as plain JSON values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -8,6 +8,7 @@ Wired by ``register_service_commands(app, _env)`` in :mod:`siterecovery.cli.app`
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from siterecovery.cli import output
 from siterecovery.cli.context import Env
 from siterecovery.domain import parse_duration, parse_size
 from siterecovery.errors import InputError, SiteRecoveryError
+from siterecovery.fsutil import CHILD_UMASK, open_private, private_dir, write_private
 
 GetEnv = Callable[[typer.Context], Env]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
@@ -267,14 +269,19 @@ def _up(get_env: GetEnv) -> Callable[..., None]:
         qmp: Annotated[
             list[str] | None, typer.Option(help="Glob of the local VMs' QMP sockets (repeatable).")
         ] = None,
+        encrypt: Annotated[
+            bool,
+            typer.Option(help="Encrypt a new store at rest, the default (only on first start)."),
+        ] = True,
     ) -> None:
         """Start the vault and a local agent together (the embedded default).
 
-        Initializes the vault in WORKDIR if needed, writes an admin token to
-        WORKDIR/admin.token and registers this host's agent on first start.
+        Initializes the vault in WORKDIR if needed (the store encrypted unless --no-encrypt),
+        writes an admin token to WORKDIR/admin.token and registers this host's agent on first
+        start.
         """
         env = get_env(ctx)
-        _ensure_vault(env)
+        _ensure_vault(env, encrypt=encrypt)
         vault = _start_vault(env, port)
         try:
             url = f"https://127.0.0.1:{port}"
@@ -300,20 +307,15 @@ def _require_vault(env: Env) -> None:
     env.db()  # NotFoundError with the hint to run `vault init`
 
 
-def _ensure_vault(env: Env) -> None:
-    settings = env.settings
-    if settings.key_file.exists():
-        return
-    from siterecovery.store.keys import StoreKeys
-    from siterecovery.store.repository import ReplicaStore
-    from siterecovery.vault.db import open_database
+def _ensure_vault(env: Env, *, encrypt: bool) -> None:
+    """Initialize the work directory on the first start (as `vault init` does)."""
+    from siterecovery.workdir import UNENCRYPTED_WARNING, init_workdir
 
-    settings.workdir.mkdir(parents=True, exist_ok=True)
-    keys = StoreKeys.generate()
-    ReplicaStore.init(settings.store_url, keys, encrypted=False)
-    keys.save(settings.key_file)
-    open_database(settings.vault_url).close()
-    settings.save()
+    if env.settings.key_file.exists():
+        return
+    init_workdir(env.settings, encrypted=encrypt)
+    if not encrypt:
+        output.warn(UNENCRYPTED_WARNING)
 
 
 def _start_vault(env: Env, port: int) -> subprocess.Popen[bytes]:
@@ -331,8 +333,11 @@ def _start_vault(env: Env, port: int) -> subprocess.Popen[bytes]:
         "--port",
         str(port),
     ]
-    log = (env.settings.workdir / "vault.log").open("ab")
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    log = open_private(env.settings.workdir / "vault.log", append=True)
+    try:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, umask=CHILD_UMASK)
+    finally:
+        os.close(log)
 
 
 def _wait_ready(env: Env, url: str, vault: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -355,14 +360,13 @@ def _wait_ready(env: Env, url: str, vault: subprocess.Popen[bytes], timeout: flo
 
 
 def _ensure_admin_token(env: Env) -> None:
-    from siterecovery.agent.config import write_file
     from siterecovery.vault import access
 
     path = env.settings.workdir / ADMIN_TOKEN_FILE
     if path.exists():
         return
     _, secret = access.create_token(env.db(), name="local-admin", role="admin")
-    write_file(path, secret + "\n", 0o600)
+    write_private(path, (secret + "\n").encode())
 
 
 def _ensure_agent(env: Env, url: str, globs: list[str]) -> None:
@@ -380,7 +384,7 @@ def _ensure_agent(env: Env, url: str, globs: list[str]) -> None:
         replace=access.is_registered(db, host=LOCAL_HOST),  # its agent directory was lost
     )  # fmt: skip
     key_file = workdir / "agent" / "registration.key"
-    key_file.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(key_file.parent)
     KeyFile(url, key, "primary", expires.isoformat(),
             pki_of(env.settings).ca_cert.read_text(), host=LOCAL_HOST).save(key_file)  # fmt: skip
     register(workdir, key_file, host=LOCAL_HOST,

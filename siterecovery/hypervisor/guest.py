@@ -57,7 +57,6 @@ import gzip
 import hashlib
 import io
 import lzma
-import os
 import re
 import stat
 import subprocess
@@ -68,6 +67,7 @@ from pathlib import Path
 import zstandard
 
 from siterecovery.errors import InputError, NotFoundError
+from siterecovery.fsutil import CHILD_UMASK, private_dir, write_private
 from siterecovery.hypervisor.errors import ProcessError
 
 RECORD_SIZE = 64 * 1024
@@ -347,7 +347,9 @@ def make_disk(path: Path, size: int, fmt: str = "qcow2", *, overwrite: bool = Fa
 
 def _run(argv: list[str]) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, check=False, umask=CHILD_UMASK
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ProcessError(f"{argv[0]} failed: {exc}") from exc
     if done.returncode != 0:
@@ -389,8 +391,8 @@ def build_guest(
     suffix = "-agent" if agent else ""
     initrd = cache_dir / f"sr-guest{suffix}-{digest[:20]}.initrd.gz"
     if not initrd.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(initrd, _initramfs(init, bb, applets, modules, extra))
+        private_dir(cache_dir)
+        write_private(initrd, _initramfs(init, bb, applets, modules, extra))
     return GuestImage(kernel=kernel, initrd=initrd)
 
 
@@ -423,7 +425,7 @@ def make_ext4_disk(path: Path, size: int, *, files: Mapping[str, bytes] | None =
         _run(["mkfs.ext4", "-q", "-F", "-O", "^metadata_csum", "-L", "srdata", str(raw)])
         for name, data in (files or {}).items():
             src = path.with_name(f".{name}.src")
-            src.write_bytes(data)
+            write_private(src, data)
             try:
                 _run(["debugfs", "-w", "-R", f"write {src} {name}", str(raw)])
             finally:
@@ -606,21 +608,3 @@ class CpioWriter:
     def _write_padded(self, chunk: bytes) -> None:
         self._out.write(chunk)
         self._out.write(b"\0" * (-len(chunk) % 4))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

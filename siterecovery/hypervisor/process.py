@@ -7,7 +7,8 @@ job of the QMP client module.
 
 Files of a VM named ``NAME`` in ``workdir``::
 
-    NAME.qmp          QMP monitor socket (one client at a time)
+    NAME.qmp          QMP monitor socket (one client at a time), unless the spec names
+                      another path for it (``qmp``): then only the socket is there
     NAME.serial.log   the guest's first serial port, truncated at each start
     NAME.log          QEMU's own stdout and stderr
     NAME.pid          QEMU's pidfile
@@ -15,6 +16,8 @@ Files of a VM named ``NAME`` in ``workdir``::
                       port named ``org.qemu.guest_agent.0`` in the guest
 
 A storage daemon uses ``qsd.qmp``, ``nbd.sock``, ``qsd.log`` and ``qsd.pid`` in its workdir.
+Children run with umask 077 (:data:`siterecovery.fsutil.CHILD_UMASK`): what QEMU creates is
+private. Starting never deletes a file that is not a socket (a stale socket is replaced).
 
 Block nodes of a :class:`DriveSpec` named ``D``: protocol node ``D-file``, format node ``D``;
 in a VM the virtio-blk device has id ``D-dev`` and serial ``D``.
@@ -30,6 +33,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -40,6 +44,7 @@ from typing import Any, ClassVar
 
 from siterecovery.domain import validate_name
 from siterecovery.errors import InputError, NotFoundError
+from siterecovery.fsutil import CHILD_UMASK, open_private
 from siterecovery.hypervisor.errors import ProcessError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -97,6 +102,8 @@ class VmProcessSpec:
     reboot makes QEMU exit, which is what a test harness wants to see. ``guest_agent`` adds
     a virtio-serial controller and the ``org.qemu.guest_agent.0`` port on ``NAME.qga``, where
     :class:`~siterecovery.hypervisor.guestagent.GuestAgent` talks to qemu-ga in the guest.
+    ``qmp`` puts the QMP socket elsewhere than ``workdir/NAME.qmp`` (a path the operator
+    named); every other file stays in ``workdir``.
     """
 
     name: str
@@ -113,6 +120,12 @@ class VmProcessSpec:
     machine: str = "q35"
     no_reboot: bool = True
     guest_agent: bool = False
+    qmp: Path | None = None
+
+    @property
+    def qmp_path(self) -> Path:
+        """The QMP monitor socket."""
+        return self.qmp if self.qmp is not None else self.workdir / f"{self.name}.qmp"
 
     @property
     def qga_path(self) -> Path:
@@ -138,7 +151,7 @@ class VmProcessSpec:
             if nic not in NIC_KINDS:
                 raise InputError(f"unknown NIC kind {nic!r}", hint="use 'user'")
         self._validate_boot()
-        _check_socket_path(self.workdir / f"{self.name}.qmp")
+        _check_socket_path(self.qmp_path)
         if self.guest_agent:
             _check_socket_path(self.qga_path)
 
@@ -158,7 +171,7 @@ def qemu_argv(spec: VmProcessSpec) -> list[str]:
         ("-machine", f"{spec.machine},accel={spec.accel}"),
         ("-m", str(spec.memory_mib)),
         ("-smp", str(spec.cpus)),
-        ("-chardev", f"socket,id=qmp,path={_opt(wd / f'{spec.name}.qmp')},server=on,wait=off"),
+        ("-chardev", f"socket,id=qmp,path={_opt(spec.qmp_path)},server=on,wait=off"),
         ("-mon", "chardev=qmp,mode=control"),
         ("-chardev", f"file,id=serial0,path={_opt(wd / f'{spec.name}.serial.log')}"),
         ("-serial", "chardev:serial0"),
@@ -363,25 +376,45 @@ def live_processes() -> list[ManagedProcess]:
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "wb") as log:
-        try:
-            return subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                close_fds=True,
-                start_new_session=True,  # a Ctrl-C aimed at the CLI must not kill the VM
-            )
-        except OSError as exc:
-            raise ProcessError(
-                f"cannot run {argv[0]}: {exc}", hint="install qemu-system-x86 and qemu-utils"
-            ) from exc
+    """Start ``argv`` in its own session, umask 077, output to ``log_path`` (ours, 0600)."""
+    log = open_private(log_path)
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+            start_new_session=True,  # a Ctrl-C aimed at the CLI must not kill the VM
+            umask=CHILD_UMASK,
+        )
+    except OSError as exc:
+        raise ProcessError(
+            f"cannot run {argv[0]}: {exc}", hint="install qemu-system-x86 and qemu-utils"
+        ) from exc
+    finally:
+        os.close(log)
+
+
+def check_socket_slot(path: Path) -> bool:
+    """True if a socket is at ``path``, False if nothing is; InputError for anything else
+    (a file there is never deleted to make room for a socket)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(mode):
+        raise InputError(
+            f"{path} exists and is not a socket: it cannot be the QMP socket",
+            hint="move that file away, or give the VM another QMP socket path",
+        )
+    return True
 
 
 def _claim_socket(path: Path) -> None:
-    """Remove a stale socket file; refuse if a live process still listens on it."""
-    if not path.exists():
+    """Remove a stale socket file; refuse if a live process still listens on it, or if the
+    path holds anything but a socket (see :func:`check_socket_slot`)."""
+    if not check_socket_slot(path):
         return
     if _qmp_greets(path):
         raise ProcessError(
@@ -414,7 +447,7 @@ class QemuProcess(ManagedProcess):
         super().__init__(
             popen,
             label=f"VM {spec.name}",
-            qmp_path=wd / f"{spec.name}.qmp",
+            qmp_path=spec.qmp_path,
             log_path=wd / f"{spec.name}.log",
         )
         self.spec = spec
@@ -428,7 +461,7 @@ class QemuProcess(ManagedProcess):
         QEMU exits or stays silent (the process is killed; the message holds its log tail).
         """
         spec.validate()
-        _claim_socket(spec.workdir / f"{spec.name}.qmp")
+        _claim_socket(spec.qmp_path)
         popen = _spawn(qemu_argv(spec), spec.workdir / f"{spec.name}.log")
         proc = cls(popen, spec)
         proc._await_qmp(timeout)

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.domain import Consistency
+from siterecovery.fsutil import CHILD_UMASK, private_dir
 from siterecovery.hypervisor.errors import BitmapError, QmpError
 from siterecovery.hypervisor.qmp import QmpSession
 
@@ -158,7 +159,7 @@ class ChangeTracker:
         than ``min_generation`` (the generation the last recovery point recorded).
         """
         step = hook or _no_hook
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.run_dir)
         with self._qmp() as qmp:
             disks = self._discover(qmp)
             if initial:
@@ -521,6 +522,6 @@ def _action(kind: str, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(argv: list[str]) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, umask=CHILD_UMASK)
     if result.returncode != 0:
         raise QmpError(f"{argv[0]} failed: {result.stderr.strip()}")

@@ -18,6 +18,11 @@ The primary VM must be stopped; its images (paths from the vault's VM record) ar
 from the machine description the vault holds (its QMP socket path, boot, memory, CPUs); the
 replica VM is quit only once the primary runs.
 
+Files: the primary VM's QMP socket is created at the path the vault recorded (the operator's,
+so protection finds the VM again) and nothing else is put beside it: its QEMU log, pidfile
+and console are in ``RUN_DIR/primary/VM/`` (:func:`primary_dir`), 0600 in 0700 directories.
+The storage daemon runs in the replica's slot (``RECOVERY_DIR/VM/failover/fbq``).
+
 Contract: every check runs before the state changes. A failure after *failing back* resumes
 the replica (still the VM), returns the state to *committed* and says to run failback again:
 the primary disks may be half written, which the next failback repairs (it compares them).
@@ -38,12 +43,14 @@ import blake3
 
 from siterecovery.domain import ReplicationState
 from siterecovery.errors import HypervisorError, InputError, SiteRecoveryError
+from siterecovery.fsutil import private_dir
 from siterecovery.hypervisor.nbd import NbdClient
 from siterecovery.hypervisor.process import (
     DriveSpec,
     QemuProcess,
     StorageDaemon,
     VmProcessSpec,
+    check_socket_slot,
     qmp_execute,
 )
 from siterecovery.hypervisor.tracking import GRANULARITY, ChangeTracker, CycleView, discover_disks
@@ -191,8 +198,7 @@ class FailbackService:
         qmp = Path(record.qmp)
         tracker = ChangeTracker(qmp, Path(record.workdir) / "fb", FAILBACK_RELATIONSHIP)
         first: list[DiskCopy] = []
-        workdir = Path(record.workdir) / "fbq"
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir = private_dir(Path(record.workdir) / "fbq")
         with contextlib.ExitStack() as stack:
             with run.task("open primary disks") as task:
                 target = stack.enter_context(_primary_disks(primary, workdir))
@@ -230,7 +236,8 @@ class FailbackService:
         qmp = _primary_qmp(record)
         boot: dict[str, Any] = dict(config.get("boot", {}))
         spec = VmProcessSpec(
-            name=qmp.stem, workdir=qmp.parent,
+            name=record.name, workdir=private_dir(primary_dir(self.failover.run_dir, record.name)),
+            qmp=qmp,
             drives=[DriveSpec(d.name, Path(d.path), _fmt(record, d.name)) for d in record.disks],
             memory_mib=int(config.get("memory_mib", 256)), cpus=int(config.get("cpus", 1)),
             kernel=Path(boot["kernel"]) if boot.get("kernel") else None,
@@ -272,6 +279,7 @@ class FailbackService:
                 f"the primary VM {vm} is running ({qmp} answers)",
                 hint="shut the primary VM down: failback overwrites its disks",
             )
+        check_socket_slot(qmp)  # the primary's socket goes there; no file is ever replaced
         for disk in primary.disks:
             if not disk.path or not Path(disk.path).is_file():
                 raise InputError(f"the primary disk {disk.name} image {disk.path!r} of VM {vm} "
@@ -375,6 +383,11 @@ def _figures(copies: list[DiskCopy]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def primary_dir(run_dir: Path, vm: str) -> Path:
+    """Where a failed-back primary VM's QEMU files live (log, pidfile, console)."""
+    return run_dir / "primary" / vm
 
 
 def _primary_qmp(record: VmRecord) -> Path:

@@ -46,6 +46,7 @@ from typing import Any
 
 from siterecovery.domain import Consistency, FailoverKind, ReplicationState
 from siterecovery.errors import HypervisorError, InputError, SiteRecoveryError
+from siterecovery.fsutil import private_dir
 from siterecovery.hypervisor.process import QemuProcess, qmp_execute
 from siterecovery.recovery import instant, network
 from siterecovery.recovery.errors import DrillCheckFailed, FailoverError
@@ -238,7 +239,7 @@ class FailoverService:
         slot = TEST_SLOT if kind == FailoverKind.TEST else FAILOVER_SLOT
         workdir = self._slot_dir(vm, slot)
         remove_slot(workdir)
-        workdir.mkdir(parents=True)
+        private_dir(workdir)
         forwards = [network.PortForward.parse(f) for f in opts.expose]
         nics = network.plan_nics(vm, point.vm_config, self.vault.network_mappings(),
                                  test=kind == FailoverKind.TEST)  # fmt: skip
@@ -588,10 +589,15 @@ def materialize(
     progress: DiskProgress | None = None,
 ) -> MaterializedDisks:
     """Restore every disk of ``point`` into ``dest_dir`` as ``<disk>.<fmt>``, verified; each
-    image appears only when complete (temporary file + rename)."""
+    image appears only when complete (temporary file + rename), 0600.
+
+    ``dest_dir`` must be new (it is made 0700, with any missing parents) or empty: InputError
+    otherwise, before anything is written.
+    """
     if fmt not in ("raw", "qcow2"):
         raise InputError(f"unknown disk format {fmt!r}", hint="use raw or qcow2")
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    check_restore_dir(dest_dir)
+    private_dir(dest_dir)
     started = time.monotonic()
     paths: dict[str, Path] = {}
     for disk in disk_order(point):
@@ -600,6 +606,24 @@ def materialize(
         store.restore_disk(point, disk, dest, fmt=fmt, progress=bound)
         paths[disk] = dest
     return MaterializedDisks(point.point_id, paths, time.monotonic() - started)
+
+
+def check_restore_dir(dest_dir: Path) -> None:
+    """InputError unless ``dest_dir`` is an empty directory or can be made as a new one.
+
+    A restore writes only new files: it never replaces, truncates or mixes into what is
+    already at the destination.
+    """
+    hint = "name a new directory (it is created) or an empty one; nothing was written"
+    at = dest_dir
+    while not at.exists() and not at.is_symlink() and at.parent != at:
+        at = at.parent
+    if not at.is_dir():
+        raise InputError(f"cannot restore into {dest_dir}: {at} exists and is not a directory",
+                         hint=hint)  # fmt: skip
+    if at == dest_dir and any(dest_dir.iterdir()):
+        raise InputError(f"cannot restore into {dest_dir}: the directory is not empty",
+                         hint=hint)  # fmt: skip
 
 
 def _bind(progress: DiskProgress, disk: str) -> Callable[[int, int], None]:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.errors import HypervisorError
+from siterecovery.fsutil import CHILD_UMASK, open_private
 from siterecovery.hypervisor.guest import make_disk
 from siterecovery.hypervisor.process import qmp_execute
 from siterecovery.recovery.errors import FailoverError
@@ -116,11 +117,14 @@ def start_server(
         "--point", point_id, "--socket", str(sock), "--cache-mib", str(cache_mib),
         "--exit-when-idle",
     ]  # fmt: skip
-    with open(log, "wb") as out:
+    out = open_private(log)
+    try:
         popen = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            close_fds=True, start_new_session=True,
+            close_fds=True, start_new_session=True, umask=CHILD_UMASK,
         )  # fmt: skip
+    finally:
+        os.close(out)
     _STARTED[popen.pid] = popen
     handle = ServerHandle(popen.pid, sock, log)
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S

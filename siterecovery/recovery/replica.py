@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.errors import HypervisorError, InputError
+from siterecovery.fsutil import private_dir, write_private
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec, qmp_execute
 from siterecovery.recovery import instant
 from siterecovery.recovery.errors import DrillCheckFailed, FailoverError
@@ -74,9 +75,7 @@ class ReplicaRecord:
 
     def save(self) -> None:
         path = Path(self.workdir) / RECORD_NAME
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_private(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, workdir: Path) -> ReplicaRecord | None:
@@ -128,7 +127,7 @@ def check_room(
             f"{host.memory_mib - used} MiB are free for replica VMs",
             hint="stop or commit-and-move other replica VMs, or fail over to a larger host",
         )
-    recovery_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(recovery_dir)
     free = shutil.disk_usage(recovery_dir).free
     if disk_bytes + DISK_RESERVE > free:
         raise FailoverError(
@@ -204,8 +203,7 @@ def prepare_disks(
             point_id=req.point.point_id, workdir=req.workdir,
         )  # fmt: skip
         return [], instant.overlay_args(req.point, disks, req.workdir), server.pid
-    dest = req.workdir / req.point.point_id
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = private_dir(req.workdir / req.point.point_id)
     drives = []
     for disk in disks:
         path = dest / f"{disk}.qcow2"

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from siterecovery.fsutil import private_dir
 from siterecovery.hypervisor.errors import ProcessError, VmNotFound
 from siterecovery.hypervisor.process import DriveSpec, StorageDaemon
 from siterecovery.hypervisor.tracking import ChangeTracker
@@ -92,7 +93,7 @@ def offline_tracker(record: VmRecord, relationship: str, run_dir: Path) -> Itera
     persistent and consistent).
     """
     drives = offline_drives(record)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(run_dir)
     daemon = StorageDaemon.start(run_dir, drives)
     try:
         nodes = {disk.name: drive.name for disk, drive in zip(record.disks, drives, strict=True)}

@@ -2,7 +2,7 @@
 
 Public API (everything else in this package is internal)::
 
-    ReplicaStore.init(url, keys, *, block_size=1 << 20, encrypted=False, passphrase=None,
+    ReplicaStore.init(url, keys, *, block_size=1 << 20, encrypted=True, passphrase=None,
                       wrap=None) -> ReplicaStore
     ReplicaStore.open(url, keys, *, wrap=None) -> ReplicaStore
     store.put_key_copy(passphrase) -> str       passphrase-wrapped keys kept in keys/

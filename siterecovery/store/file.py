@@ -4,7 +4,8 @@
 ``/srv/replica/chunks/ab/ab12...``. Crash safety follows one recipe for every put: write a
 temporary file ``.tmp-<uuid>`` in the object's directory, fsync it, move it into place
 (``rename``, or ``link`` for create-only puts so an existing object is never replaced), then
-fsync the directory so the new name survives a power cut. Temporary names start with a dot,
+fsync the directory so the new name survives a power cut. Directories are made 0700 and
+objects 0600 whatever the umask (:mod:`siterecovery.fsutil`). Temporary names start with a dot,
 which no valid key component may, so they never collide with objects and :meth:`list` skips
 them; :meth:`FileBackend.cleanup_temp` removes the ones a crash left behind.
 
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from siterecovery.fsutil import fsync_dir, private_dir, write_new
 from siterecovery.store.backend import (
     ObjectInfo,
     register_scheme,
@@ -54,14 +56,6 @@ def _io_error(action: str, what: str, exc: OSError) -> StoreError:
     if isinstance(exc, NotADirectoryError | IsADirectoryError):
         return StoreError(f"cannot {action} {what}: a file and a directory share a name")
     return StoreUnavailable(f"cannot {action} {what}: {exc.strerror or exc}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileBackend:
@@ -98,14 +92,14 @@ class FileBackend:
     def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
         except OSError as exc:
             raise _io_error("create the directory for", key, exc) from exc
         tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
         try:
             self._write_temp(tmp, data)
             self._move_into_place(tmp, path, key, create_only)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:
             raise _io_error("store", key, exc) from exc
         finally:
@@ -113,14 +107,8 @@ class FileBackend:
 
     @staticmethod
     def _write_temp(tmp: Path, data: bytes) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """The temporary file of a put: 0600, written and fsynced."""
+        write_new(tmp, data)
 
     @staticmethod
     def _move_into_place(tmp: Path, path: Path, key: str, create_only: bool) -> None:
@@ -196,7 +184,7 @@ class FileBackend:
         except OSError as exc:
             raise _io_error("delete", key, exc) from exc
         try:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:
             raise _io_error("delete", key, exc) from exc
 

@@ -36,13 +36,13 @@ import json
 import os
 import re
 import secrets
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from siterecovery import fsutil
 from siterecovery.store.codec import KEY_LEN, SUBBLOCK_SIZE, Codec, derive_key
 from siterecovery.store.errors import (
     FormatError,
@@ -246,38 +246,17 @@ class StoreKeys:
 
 
 def write_private_file(path: Path, data: bytes, *, replace: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically with mode 0600 (temporary file, fsync, then
-    ``link`` -- never replacing -- or ``rename`` when ``replace``; then fsync the
-    directory). ``KeyFileError`` if ``path`` exists and not ``replace``, or on I/O errors."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    """Write ``data`` to ``path`` atomically with mode 0600 (:func:`fsutil.write_private`:
+    ``link`` -- never replacing -- or ``rename`` when ``replace``). ``KeyFileError`` if
+    ``path`` exists and not ``replace``, or on I/O errors."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-        _fsync_dir(path.parent)
+        fsutil.write_private(path, data, replace=replace)
     except FileExistsError as exc:
         raise KeyFileError(
             f"key file {path} already exists", hint="choose another path; never overwrite keys"
         ) from exc
     except OSError as exc:
         raise KeyFileError(f"cannot write key file {path}: {exc.strerror}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_key_file(path: Path) -> dict[str, Any]:

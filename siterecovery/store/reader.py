@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from siterecovery import fsutil
 from siterecovery.store.codec import SUBBLOCK_SIZE, SUM_LEN
 from siterecovery.store.context import StoreContext, is_zero, ordered_map, zeros
 from siterecovery.store.errors import (
@@ -245,7 +246,7 @@ def restore_disk(
             final = tmp.with_name(tmp.name + ".qcow2")
             _convert(tmp, final)
         os.replace(final, dest)
-        _fsync_dir(dest.parent)
+        fsutil.fsync_dir(dest.parent)
     except OSError as exc:
         raise _dest_error(dest, exc) from exc
     finally:
@@ -257,7 +258,7 @@ def restore_disk(
 
 def _write_raw(reader: ChainReader, path: Path, progress: Callable[[int, int], None] | None) -> int:
     written = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = fsutil.open_private(path, exclusive=True)
     try:
         os.ftruncate(fd, reader.size)  # sparse: unwritten ranges read as zeros
         for offset, data in reader.blocks():
@@ -280,17 +281,11 @@ def _convert(src: Path, dst: Path) -> None:
             hint="install qemu-utils, or restore with --format raw",
         )
     cmd = [qemu_img, "convert", "-q", "-f", "raw", "-O", "qcow2", str(src), str(dst)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, umask=fsutil.CHILD_UMASK
+    )
     if done.returncode != 0:
         raise StoreError(f"qemu-img convert to {dst} failed: {done.stderr.strip()}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _dest_error(dest: Path, exc: OSError) -> StoreError:

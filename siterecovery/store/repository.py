@@ -119,7 +119,7 @@ class ReplicaStore:
         keys: StoreKeys,
         *,
         block_size: int = 1 << 20,
-        encrypted: bool = False,
+        encrypted: bool = True,
         passphrase: str | None = None,
         scrypt: ScryptParams | None = None,
         wrap: BackendWrap | None = None,
@@ -127,8 +127,11 @@ class ReplicaStore:
     ) -> ReplicaStore:
         """Create a store at ``url`` (which must be empty) and return it opened.
 
-        With ``passphrase``, a copy of ``keys`` wrapped under it is stored in ``keys/``
-        (see :meth:`put_key_copy`), so the keys can be recovered from the store.
+        ``encrypted`` (the default, DESIGN §6) seals every object with AES-256-GCM under
+        the keys' data key; ``encrypted=False`` stores plaintext with MACs (opt out only
+        knowingly: anyone who can read the store then reads the disks). With ``passphrase``,
+        a copy of ``keys`` wrapped under it is stored in ``keys/`` (see :meth:`put_key_copy`),
+        so the keys can be recovered from the store.
         Raises ``StoreInputError`` if a store or any other object is already there, the block
         size is invalid, the passphrase too short, or ``encrypted`` is asked for without a
         data key in ``keys``.
@@ -139,7 +142,8 @@ class ReplicaStore:
         if encrypted and keys.data_key is None:
             raise StoreInputError(
                 "an encrypted store needs keys with a data key",
-                hint="generate keys with StoreKeys.generate(with_data_key=True)",
+                hint="generate keys with StoreKeys.generate(with_data_key=True), or pass "
+                "encrypted=False",
             )
         backend = _open_wrapped(url, wrap)
         if backend.stat(CONFIG_KEY) is not None:

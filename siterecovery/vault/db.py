@@ -5,6 +5,7 @@
 - ``sqlite:///PATH`` (the embedded default; ``sqlite://`` is an in-memory database for tests):
   WAL journal, foreign keys enforced, a busy timeout, and write transactions that take the
   write lock at ``BEGIN IMMEDIATE`` so two processes never deadlock upgrading a read lock;
+  a new database file is created 0600 first, so its ``-wal`` and ``-shm`` files are too;
 - ``postgresql+psycopg://...`` (scale-out; several vault processes may share one database).
 
 At open the schema is brought to the newest revision with Alembic (``upgrade head``, the
@@ -44,6 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from siterecovery.errors import InputError, SiteRecoveryError, VaultError
+from siterecovery.fsutil import create_private
 from siterecovery.vault.errors import Conflict, DatabaseUnavailable, SchemaTooNew
 
 #: A clock returns the current time as an aware datetime (converted to UTC by the vault).
@@ -188,10 +190,23 @@ def _create_engine(url: URL) -> Engine:
     if not _is_file(url.database or ""):
         # An in-memory database lives in one connection: share it.
         kwargs["poolclass"] = StaticPool
+    else:
+        _create_private_file(Path(url.database or "").expanduser())
     engine = create_engine(url, **kwargs)
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "begin", _sqlite_on_begin)
     return engine
+
+
+def _create_private_file(path: Path) -> None:
+    """Create a new database file 0600: SQLite gives its -wal and -shm files the same mode."""
+    try:
+        create_private(path)
+    except OSError as exc:
+        raise DatabaseUnavailable(
+            f"cannot create the vault database {path}: {exc.strerror or exc}",
+            hint="check the directory's permissions and free space",
+        ) from exc
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -33,6 +33,8 @@ from siterecovery.hypervisor.process import (
     qmp_execute,
 )
 
+import filesafety  # isort: skip
+
 
 def _pids_mentioning(path: Path) -> list[int]:
     """Pids of processes whose command line mentions ``path`` (our QEMUs carry their workdir)."""
@@ -193,6 +195,36 @@ def test_kill_is_a_crash_and_a_stale_socket_does_not_block_a_restart(workdir: Pa
     again = QemuProcess.start(spec)
     assert qmp_execute(again.qmp_path, "query-status")["status"] == "prelaunch"
     again.stop()
+
+
+@pytest.mark.qemu
+def test_a_file_at_the_socket_path_is_refused_and_kept(workdir: Path) -> None:
+    elsewhere = workdir / "operator"
+    elsewhere.mkdir()
+    theirs = elsewhere / "vm1.qmp"
+    theirs.write_text("not a socket: the operator's file")
+    with pytest.raises(InputError, match="is not a socket") as raised:
+        QemuProcess.start(_paused_vm(workdir, qmp=theirs))
+    assert str(theirs) in raised.value.message
+    assert theirs.read_text() == "not a socket: the operator's file"
+    assert sorted(p.name for p in workdir.iterdir()) == ["operator", "vm1-d0.qcow2"]
+
+
+@pytest.mark.qemu
+def test_files_go_to_the_workdir_and_only_the_socket_to_a_named_path(workdir: Path) -> None:
+    elsewhere = workdir / "operator"
+    elsewhere.mkdir()
+    with filesafety.umask(0o022):
+        vm = QemuProcess.start(_paused_vm(workdir, qmp=elsewhere / "vm1.qmp"))
+    try:
+        assert vm.qmp_path == elsewhere / "vm1.qmp"
+        assert qmp_execute(vm.qmp_path, "query-status")["status"] == "prelaunch"
+        assert [p.name for p in elsewhere.iterdir()] == ["vm1.qmp"]
+        for name in ("vm1.log", "vm1.pid", "vm1.serial.log"):
+            assert (workdir / name).stat().st_mode & 0o777 == 0o600, name
+        assert not (elsewhere / "vm1.qmp").stat().st_mode & 0o077  # made under umask 077
+    finally:
+        vm.stop()
 
 
 @pytest.mark.qemu
