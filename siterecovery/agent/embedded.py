@@ -233,7 +233,8 @@ class EmbeddedFailover:
         self.db = db
         self.store = store
         self.progress = progress
-        self.agent = EmbeddedAgent(db, store, run_dir or recovery_dir.parent / "run",
+        self.run_dir = run_dir or recovery_dir.parent / "run"
+        self.agent = EmbeddedAgent(db, store, self.run_dir,
                                    recovery_dir=recovery_dir, key_file=key_file, accel=accel,
                                    on_job=on_job, recovery_host=host)  # fmt: skip
         self.host = self.agent._worker("embedded").recovery.host

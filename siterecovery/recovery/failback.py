@@ -105,7 +105,10 @@ class FailbackOutcome:
 
 
 class ReplicaLookup(Protocol):
-    """Where the replicas of this recovery host are (the failover door or service)."""
+    """Where the replicas of this recovery host are (the failover door), and the run
+    directory the restarted primary keeps its files in."""
+
+    run_dir: Path
 
     def replica(self, vm: str, *, test: bool = False) -> ReplicaRecord | None: ...
 
