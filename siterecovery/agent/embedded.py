@@ -108,7 +108,7 @@ class EmbeddedAgent:
         """Request protection of ``vm`` and run the enable protection job now; the finished
         job and the initial copy."""
         job = service.protect(self.db, vm=vm, policy=policy).job
-        worker, item = self._lease(vm, job.id)
+        worker, item = self.lease(vm, job.id)
         with worker.leased(item) as driver:
             assert driver is not None
             result = worker.protection.enable_protection(item, driver)
@@ -117,7 +117,7 @@ class EmbeddedAgent:
 
     def replicate(self, vm: str) -> CycleResult:
         """One cycle of ``vm`` now (or the retried initial copy)."""
-        worker, item = self._lease(vm, None)
+        worker, item = self.lease(vm, None)
         with worker.leased(item):
             return worker.protection.cycle(item)
 
@@ -140,7 +140,7 @@ class EmbeddedAgent:
         job = self._open_job(vm, operations.RESYNC)
         if job is None:
             job = operations.request_resync(self.db, vm=vm, reason=reason, full=full)
-        worker, item = self._lease(vm, job.id)
+        worker, item = self.lease(vm, job.id)
         with worker.leased(item) as driver:
             assert driver is not None
             result = worker.protection.resync(item, driver)
@@ -149,7 +149,7 @@ class EmbeddedAgent:
     def reverse_replicate(self, vm: str) -> tuple[JobRecord, ResyncResult]:
         """Request the reverse replication of ``vm`` (failback committed) and run it now."""
         job = operations.request_reverse(self.db, vm=vm)
-        worker, item = self._lease(vm, job.id)
+        worker, item = self.lease(vm, job.id)
         with worker.leased(item) as driver:
             assert driver is not None
             result = worker.protection.reverse_replicate(item, driver)
@@ -159,7 +159,7 @@ class EmbeddedAgent:
     def unprotect(self, vm: str) -> JobRecord:
         """Disable protection of ``vm`` and run the disable protection job now."""
         job = service.unprotect(self.db, vm=vm)
-        worker, item = self._lease(vm, job.id)
+        worker, item = self.lease(vm, job.id)
         with worker.leased(item) as driver:
             assert driver is not None
             worker.protection.disable_protection(item, driver)
@@ -169,7 +169,7 @@ class EmbeddedAgent:
         """Run an open job of the vault (requested earlier) in this process to its end."""
         if job.vm is None:
             raise InputError(f"job {job.id} has no VM to run it for")
-        worker, item = self._lease(job.vm, job.id)
+        worker, item = self.lease(job.vm, job.id)
         worker.run_or_raise(item)
         return JobDriver(worker.vault, job.id).record
 
@@ -177,15 +177,17 @@ class EmbeddedAgent:
 
     def worker_of(self, item: WorkItem) -> Worker:
         """The worker of the host of ``item``'s VM, on this process's agent session."""
-        return self._worker(service.get_vm(self.db, name=item.vm).host)
+        return self.worker_for(service.get_vm(self.db, name=item.vm).host)
 
-    def _lease(self, vm: str, job_id: str | None) -> tuple[Worker, WorkItem]:
+    def lease(self, vm: str, job_id: str | None) -> tuple[Worker, WorkItem]:
+        """Lease ``vm`` to this session for its open job ``job_id`` (or a cycle now); the
+        worker of its host and the leased item."""
         host = service.get_vm(self.db, name=vm).host
         item = work.lease_vm(self.db, host=host, session=self.session, vm=vm, job_id=job_id,
                              lease_s=LEASE_S)  # fmt: skip
-        return self._worker(host), item
+        return self.worker_for(host), item
 
-    def _worker(self, host: str) -> Worker:
+    def worker_for(self, host: str) -> Worker:
         """The worker of ``host`` (one per host, kept: its failover service remembers the
         replica processes it started)."""
         worker = self._workers.get(host)
@@ -237,7 +239,7 @@ class EmbeddedFailover:
         self.agent = EmbeddedAgent(db, store, self.run_dir,
                                    recovery_dir=recovery_dir, key_file=key_file, accel=accel,
                                    on_job=on_job, recovery_host=host)  # fmt: skip
-        self.host = self.agent._worker("embedded").recovery.host
+        self.host = self.agent.worker_for("embedded").recovery.host
 
     # -- the operations --------------------------------------------------------------------
 
@@ -317,11 +319,11 @@ class EmbeddedFailover:
 
     def replica(self, vm: str, *, test: bool = False) -> ReplicaRecord | None:
         """The record of ``vm``'s replica (its drill with ``test``), if any."""
-        return self.agent._worker("embedded").recovery.replica(vm, test=test)
+        return self.agent.worker_for("embedded").recovery.replica(vm, test=test)
 
     def _run(self, vm: str, job_id: str, body: Callable[[Worker, WorkItem, JobDriver], T]) -> T:
         """Lease ``vm`` for its job ``job_id`` (its current phase) and run ``body``."""
-        worker, item = self.agent._lease(vm, job_id)
+        worker, item = self.agent.lease(vm, job_id)
         worker.recovery.progress = self.progress
         with worker.leased(item) as driver:
             assert driver is not None

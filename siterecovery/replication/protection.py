@@ -70,7 +70,7 @@ from siterecovery.replication.engine import (
     check_layout,
 )
 from siterecovery.replication.errors import ChangeLogTooLarge
-from siterecovery.replication.jobrun import JobDriver, JobListener, TaskHandle
+from siterecovery.replication.jobrun import ErrorHook, JobDriver, JobListener, TaskHandle
 from siterecovery.replication.offline import offline_tracker, powered_off
 from siterecovery.replication.resync import Resyncer, ResyncResult
 from siterecovery.store.manifest import PointManifest
@@ -343,7 +343,8 @@ class ProtectionService:
             else after.next_retry_at.isoformat(),
         }  # fmt: skip
 
-    def _reporter(self, vm: str) -> Any:
+    def _reporter(self, vm: str) -> ErrorHook:
+        """A task's error hook: the failure reported (the lease kept for the job)."""
         return lambda exc: self._report_failure(vm, exc, release=False)
 
     def _move(self, vm: str, state: ReplicationState, reason: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from siterecovery.domain import Consistency, DiskSpec, ReplicationState
+from siterecovery.errors import InputError, SiteRecoveryError
 from siterecovery.policies.retry import Diagnosis, next_retry_at, state_after
 from siterecovery.policies.states import ErrorClass
 from siterecovery.vault import jobs, operations, points, service, work
@@ -346,8 +347,6 @@ def fail_task(db: Database, /, *, job: str, task: str, error: str) -> JobRecord:
 
 def report_vms(db: Database, /, *, host: str, vms: Sequence[DiscoveredVm]) -> Discovery:
     """Record each VM ``host`` reports; an input or conflict error refuses that VM only."""
-    from siterecovery.errors import InputError, SiteRecoveryError
-
     registered: list[str] = []
     refused: dict[str, str] = {}
     for vm in vms:
