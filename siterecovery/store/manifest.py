@@ -5,7 +5,7 @@ A manifest is JSON at ``points/<vm>/<point_id>.json``::
     {"format": "siterecovery-point", "version": 1,
      "point_id": "20240501T120000.000000Z-0000", "vm": "web1",
      "created_at": "2024-05-01T12:00:00.000000Z", "consistency": "crash" | "app",
-     "vm_config": {...free-form...},
+     "vm_config": {...the machine: domain.VmConfig.to_json(), docs/store-format.md...},
      "disks": {"vda": {"size": 10737418240,
                        "base": {"key": "indexes/web1/vda/...", "digest": "<hex>", "size": 1234},
                        "segments": [{"key": "segments/web1/vda/...", "digest": "<hex>",
