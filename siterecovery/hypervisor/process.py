@@ -20,7 +20,8 @@ Children run with umask 077 (:data:`siterecovery.fsutil.CHILD_UMASK`): what QEMU
 private. Starting never deletes a file that is not a socket (a stale socket is replaced).
 
 Block nodes of a :class:`DriveSpec` named ``D``: protocol node ``D-file``, format node ``D``;
-in a VM the virtio-blk device has id ``D-dev`` and serial ``D``.
+in a VM its device has id ``D-dev`` (virtio-blk with serial ``D`` unless the drive's
+:class:`~siterecovery.domain.DiskConfig` says otherwise: see ``devices.py``).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from siterecovery.domain import validate_name
+from siterecovery.domain import MAX_CPUS, DiskConfig, validate_name
 from siterecovery.errors import InputError, NotFoundError
 from siterecovery.fsutil import CHILD_UMASK, open_private
+from siterecovery.hypervisor.devices import controller_args, device_args, node_options
 from siterecovery.hypervisor.errors import ProcessError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -54,6 +56,8 @@ NIC_KINDS = ("user",)
 ACCEL_ENV = "SITERECOVERY_ACCEL"
 #: QEMU node names are at most 31 characters; "-file" is appended for the protocol node.
 _NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,25}$")
+_MACHINE_RE = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
+_CPU_MODEL_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")
 #: sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _LOG_TAIL = 2000
@@ -61,12 +65,17 @@ _LOG_TAIL = 2000
 
 @dataclass(frozen=True)
 class DriveSpec:
-    """One disk image opened with -blockdev: nodes ``<name>-file`` (file) and ``<name>`` (fmt)."""
+    """One disk image opened with -blockdev: nodes ``<name>-file`` (file) and ``<name>`` (fmt).
+
+    ``disk`` is how the guest sees it (device model, serial, discard, cache); None: a
+    virtio-blk disk with QEMU's default options.
+    """
 
     name: str
     path: Path
     fmt: str = "qcow2"
     read_only: bool = False
+    disk: DiskConfig | None = None
 
     def validate(self) -> None:
         """Raise InputError/NotFoundError unless the name, format and image file are usable."""
@@ -82,7 +91,8 @@ class DriveSpec:
 
     def blockdev_args(self, flag: str = "-blockdev") -> list[str]:
         """The two -blockdev options (JSON, so any path is safe) for this drive."""
-        ro = {"read-only": True} if self.read_only else {}
+        ro: dict[str, Any] = {"read-only": True} if self.read_only else {}
+        ro.update(node_options(self.disk))
         file_node = {
             "driver": "file",
             "node-name": f"{self.name}-file",
@@ -95,15 +105,16 @@ class DriveSpec:
 
 @dataclass
 class VmProcessSpec:
-    """What to start: a VM with virtio-blk disks, optionally booting a kernel directly.
+    """What to start: a VM with its disks, optionally booting a kernel directly.
 
-    ``accel`` is "tcg" or "kvm" (use :func:`probe_accel`). ``nics`` lists NIC kinds; only
-    "user" (user-mode networking on virtio-net) exists so far. With ``no_reboot`` a guest
-    reboot makes QEMU exit, which is what a test harness wants to see. ``guest_agent`` adds
-    a virtio-serial controller and the ``org.qemu.guest_agent.0`` port on ``NAME.qga``, where
-    :class:`~siterecovery.hypervisor.guestagent.GuestAgent` talks to qemu-ga in the guest.
-    ``qmp`` puts the QMP socket elsewhere than ``workdir/NAME.qmp`` (a path the operator
-    named); every other file stays in ``workdir``.
+    ``accel`` is "tcg" or "kvm" (use :func:`probe_accel`); ``cpu_model`` "" means "host"
+    under KVM and QEMU's default under TCG; ``boot_order`` "" is QEMU's default. ``nics``
+    lists NIC kinds; only "user" (user-mode networking on virtio-net) exists so far. With
+    ``no_reboot`` a guest reboot makes QEMU exit, which is what a test harness wants to see.
+    ``guest_agent`` adds a virtio-serial controller and the ``org.qemu.guest_agent.0`` port
+    on ``NAME.qga``, where :class:`~siterecovery.hypervisor.guestagent.GuestAgent` talks to
+    qemu-ga in the guest. ``qmp`` puts the QMP socket elsewhere than ``workdir/NAME.qmp`` (a
+    path the operator named); every other file stays in ``workdir``.
     """
 
     name: str
@@ -121,6 +132,8 @@ class VmProcessSpec:
     no_reboot: bool = True
     guest_agent: bool = False
     qmp: Path | None = None
+    cpu_model: str = ""
+    boot_order: str = ""
 
     @property
     def qmp_path(self) -> Path:
@@ -143,9 +156,12 @@ class VmProcessSpec:
             raise InputError(f"duplicate drive names in {names}")
         if self.accel not in ACCELS:
             raise InputError(f"unknown accelerator {self.accel!r}", hint="use tcg or kvm")
-        if self.machine not in ("q35", "pc"):
-            raise InputError(f"unknown machine type {self.machine!r}", hint="use q35 or pc")
-        if not 16 <= self.memory_mib <= 1 << 20 or not 1 <= self.cpus <= 64:
+        if not _MACHINE_RE.match(self.machine) or not _CPU_MODEL_RE.match(self.cpu_model):
+            raise InputError(
+                f"bad machine type {self.machine!r} or CPU model {self.cpu_model!r}",
+                hint="see `qemu-system-x86_64 -machine help` and `-cpu help`",
+            )
+        if not 16 <= self.memory_mib <= 1 << 24 or not 1 <= self.cpus <= MAX_CPUS:
             raise InputError(f"bad VM size: {self.memory_mib} MiB, {self.cpus} CPUs")
         for nic in self.nics:
             if nic not in NIC_KINDS:
@@ -176,8 +192,11 @@ def qemu_argv(spec: VmProcessSpec) -> list[str]:
         ("-chardev", f"file,id=serial0,path={_opt(wd / f'{spec.name}.serial.log')}"),
         ("-serial", "chardev:serial0"),
     )
-    if spec.accel == "kvm":
-        argv += ["-cpu", "host"]
+    cpu = spec.cpu_model or ("host" if spec.accel == "kvm" else "")
+    if cpu:
+        argv += ["-cpu", cpu]
+    if spec.boot_order:
+        argv += ["-boot", f"order={spec.boot_order}"]
     if spec.no_reboot:
         argv.append("-no-reboot")
     if spec.kernel is not None:
@@ -186,12 +205,9 @@ def qemu_argv(spec: VmProcessSpec) -> list[str]:
         argv += ["-initrd", str(spec.initrd)]
     if spec.append:
         argv += ["-append", spec.append]
+    argv += controller_args([drive.disk for drive in spec.drives])
     for drive in spec.drives:
-        argv += drive.blockdev_args()
-        argv += [
-            "-device",
-            f"virtio-blk-pci,drive={drive.name},id={drive.name}-dev,serial={drive.name}",
-        ]
+        argv += drive.blockdev_args() + device_args(drive.name, drive.disk)
     for n, _kind in enumerate(spec.nics):
         argv += ["-netdev", f"user,id=net{n}", "-device", f"virtio-net-pci,netdev=net{n}"]
     if spec.guest_agent:
