@@ -6,7 +6,8 @@
     │   └── NbdServerError     the server answered an NBD error code
     ├── BitmapError            change tracking state cannot be trusted -> resync
     ├── VmNotFound             no such VM on this host (non-recoverable)
-    └── ProcessError           a QEMU process failed to start or died
+    ├── ProcessError           a QEMU process failed to start or died
+    └── ShapeError             a VM's machine cannot be described for the recovery side
 """
 
 from __future__ import annotations
@@ -52,3 +53,12 @@ class ProcessError(HypervisorError):
     """A QEMU process failed to start, or exited unexpectedly."""
 
     hint = "read the process log named in the message"
+
+
+class ShapeError(HypervisorError):
+    """The running VM has a device siterecovery cannot describe (so cannot start elsewhere)."""
+
+    hint = (
+        "attach the disk or NIC with a supported device model (see docs/recovery.md, "
+        "'The replica VM is the same machine'), then register the VM again"
+    )

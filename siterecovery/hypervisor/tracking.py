@@ -469,6 +469,11 @@ def discover_disks(qmp_path: Path) -> list[TrackedDisk]:
         return _discover(qmp)
 
 
+def session_disks(qmp: QmpSession) -> list[TrackedDisk]:
+    """Like :func:`discover_disks`, on an open session."""
+    return _discover(qmp)
+
+
 def _discover(qmp: QmpSession) -> list[TrackedDisk]:
     """Writable disks from ``query-block``, named by device (``-drive``) or node (``-blockdev``)."""
     disks = []
