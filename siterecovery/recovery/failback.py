@@ -15,8 +15,9 @@ Two methods, as in the seed:
 
 The primary VM must be stopped; its images (paths from the vault's VM record) are opened by
 ``qemu-storage-daemon`` and written through a writable NBD export. The primary VM starts again
-from the machine description the vault holds (its QMP socket path, boot, memory, CPUs); the
-replica VM is quit only once the primary runs.
+as the machine the vault's :class:`~siterecovery.domain.VmConfig` describes (its QMP socket
+path, machine type, CPUs and model, memory, disks' devices, boot), within what this host runs
+(warnings in the *start primary VM* task); the replica VM is quit only once the primary runs.
 
 Files: the primary VM's QMP socket is created at the path the vault recorded (the operator's,
 so protection finds the VM again) and nothing else is put beside it: its QEMU log, pidfile
@@ -41,22 +42,22 @@ from typing import Any, Protocol
 
 import blake3
 
-from siterecovery.domain import ReplicationState
+from siterecovery.domain import ReplicationState, VmConfig
 from siterecovery.errors import HypervisorError, InputError, SiteRecoveryError
 from siterecovery.fsutil import private_dir
+from siterecovery.hypervisor.machine import honour, host_capabilities, supports_direct_io
 from siterecovery.hypervisor.nbd import NbdClient
 from siterecovery.hypervisor.process import (
     DriveSpec,
     QemuProcess,
     StorageDaemon,
-    VmProcessSpec,
     check_socket_slot,
     qmp_execute,
 )
 from siterecovery.hypervisor.tracking import GRANULARITY, ChangeTracker, CycleView, discover_disks
 from siterecovery.recovery import instant
 from siterecovery.recovery.errors import FailoverError
-from siterecovery.recovery.replica import ReplicaRecord, remove_slot, stop_replica
+from siterecovery.recovery.replica import ReplicaRecord, machine_spec, remove_slot, stop_replica
 from siterecovery.replication.jobrun import JobListener, JobRun
 from siterecovery.vault import jobs, service
 from siterecovery.vault.db import Database
@@ -224,9 +225,10 @@ class FailbackService:
                 with contextlib.suppress(HypervisorError):
                     tracker.stop_tracking()
         with run.task("start primary VM") as task:
-            process = self._start_primary(primary)
+            process, warnings = self._start_primary(primary)
             downtime = time.monotonic() - paused_at
-            task.progress(100, {"pid": process.pid, "downtime_s": round(downtime, 3)})
+            task.progress(100, {"pid": process.pid, "downtime_s": round(downtime, 3),
+                                "warnings": warnings})  # fmt: skip
         stop_replica(record, None)
         service.transition(self.db, vm=vm, to_state=S.FAILED_BACK,
                            reason=f"running on the primary again ({method})")  # fmt: skip
@@ -234,24 +236,24 @@ class FailbackService:
                    "downtime_s": round(downtime, 3)}  # fmt: skip
         return FailbackOutcome(run.finish(), method, first, final, downtime, process, figures)
 
-    def _start_primary(self, record: VmRecord) -> QemuProcess:
-        config = record.config
+    def _start_primary(self, record: VmRecord) -> tuple[QemuProcess, list[str]]:
+        """Start the primary VM as the vault describes it; what this host changed, as warnings."""
         qmp = _primary_qmp(record)
-        boot: dict[str, Any] = dict(config.get("boot", {}))
-        spec = VmProcessSpec(
-            name=record.name, workdir=private_dir(primary_dir(self.failover.run_dir, record.name)),
-            qmp=qmp,
-            drives=[DriveSpec(d.name, Path(d.path), _fmt(record, d.name)) for d in record.disks],
-            memory_mib=int(config.get("memory_mib", 256)), cpus=int(config.get("cpus", 1)),
-            kernel=Path(boot["kernel"]) if boot.get("kernel") else None,
-            initrd=Path(boot["initrd"]) if boot.get("initrd") else None,
-            append=str(boot.get("append", "")), accel=self.accel,
-            machine=str(config.get("machine", "q35")),
-        )  # fmt: skip
+        workdir = private_dir(primary_dir(self.failover.run_dir, record.name))
+        honoured = honour(
+            VmConfig.from_json(record.config, name=record.name),
+            host_capabilities(self.accel),
+            direct_io=supports_direct_io(workdir),
+        )
+        config = honoured.config
+        drives = [DriveSpec(d.name, Path(d.path), _fmt(record, d.name), disk=config.disk(d.name))
+                  for d in record.disks]  # fmt: skip
+        spec = machine_spec(config, name=record.name, workdir=workdir, qmp=qmp, drives=drives,
+                            accel=self.accel)  # fmt: skip
         process = QemuProcess.start(spec)
         if self.detach:
             process.detach()
-        return process
+        return process, list(honoured.warnings)
 
     def _undo(self, vm: str, record: ReplicaRecord) -> None:
         """The replica stays the VM: resume it; back to committed."""
@@ -276,6 +278,7 @@ class FailbackService:
                                 hint="failback copies from the running replica; start it again "
                                 "with the recovery host that runs it")  # fmt: skip
         primary = service.get_vm(self.db, name=vm)
+        VmConfig.from_json(primary.config, name=vm)  # a malformed description fails here
         qmp = _primary_qmp(primary)
         if _status(qmp) is not None:
             raise InputError(

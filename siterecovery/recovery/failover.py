@@ -61,6 +61,7 @@ from siterecovery.recovery.replica import (
     check_room,
     disk_need,
     disk_order,
+    point_config,
     prepare_disks,
     remove_slot,
     replica_spec,
@@ -299,7 +300,7 @@ class FailoverService:
         job: JobDriver, started: float,
     ) -> tuple[FailoverOutcome, dict[str, Any]]:  # fmt: skip
         drives, disk_args, server_pid = disks
-        spec = replica_spec(req, drives, disk_args)
+        spec, warnings = replica_spec(req, drives, disk_args)
         record = ReplicaRecord(req.vm, req.slot, req.kind, req.point.point_id, str(req.mode),
                                str(req.workdir), spec.name, 0,
                                str(req.workdir / f"{spec.name}.qmp"),
@@ -321,7 +322,7 @@ class FailoverService:
         details = {"pid": process.pid, "qmp": str(process.qmp_path),
                    "seconds_to_start": round(seconds, 3),
                    "networks": [n.network.name for n in nics], "hydrating": record.hydrating,
-                   "recovery_host_dir": str(req.workdir)}  # fmt: skip
+                   "recovery_host_dir": str(req.workdir), "warnings": warnings}  # fmt: skip
         return FailoverOutcome(job.record, req.point, process, record, seconds,
                                started), details  # fmt: skip
 
@@ -500,7 +501,7 @@ class FailoverService:
             ) from exc
         network.plan_nics(vm, point.vm_config, self.vault.network_mappings(),
                           test=kind == FailoverKind.TEST)  # fmt: skip
-        memory = int(point.vm_config.get("memory_mib", 256))
+        memory = point_config(point).memory_mib
         with self._room:
             check_room(self.host, self.recovery_dir, memory, disk_need(self.store, point, mode),
                        vm)  # fmt: skip
@@ -568,7 +569,7 @@ def _quit(qmp: Path) -> dict[str, Any]:
 
 
 def _disk_names(disk_args: list[str]) -> list[str]:
-    return [a.split("drive=")[1].split(",")[0] for a in disk_args if a.startswith("virtio-blk")]
+    return [a.split("drive=")[1].split(",")[0] for a in disk_args if ",drive=" in a]
 
 
 @dataclass(frozen=True)

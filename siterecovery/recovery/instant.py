@@ -15,7 +15,8 @@ Contracts:
 - :func:`start_server` returns once the server accepts connections (its socket appears by
   atomic rename) or raises :class:`FailoverError` with the server's log.
 - :func:`overlay_args` creates empty overlays and returns the ``-blockdev``/``-device`` args
-  in the point's disk order; nothing is written to the store.
+  in the given disk order, each disk on its recorded device model with its discard and
+  cache options (``hypervisor/devices.py``); nothing is written to the store.
 - :func:`start_hydration` / :func:`hydration_status` talk QMP to the running VM.
 """
 
@@ -28,12 +29,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from siterecovery.domain import DiskConfig
 from siterecovery.errors import HypervisorError
 from siterecovery.fsutil import CHILD_UMASK, open_private
+from siterecovery.hypervisor.devices import controller_args, device_args, node_options
 from siterecovery.hypervisor.guest import make_disk
 from siterecovery.hypervisor.process import qmp_execute
 from siterecovery.recovery.errors import FailoverError
@@ -137,27 +141,28 @@ def start_server(
     return handle
 
 
-def overlay_args(point: PointManifest, disks: list[str], workdir: Path) -> list[str]:
-    """Create ``WORKDIR/<disk>.overlay.qcow2`` for each disk and return the QEMU args.
+def overlay_args(point: PointManifest, disks: Sequence[DiskConfig], workdir: Path) -> list[str]:
+    """Create ``WORKDIR/<disk>.overlay.qcow2`` for each of ``disks`` and return the QEMU args.
 
     Each overlay is as large as the disk and empty; its backing is given at run time, so the
     image header names no backing file (a stale path can never be picked up later).
     """
-    args: list[str] = []
+    args = controller_args(disks)
     sock = workdir / SERVER_SOCKET
     for disk in disks:
-        overlay = workdir / f"{disk}.overlay.qcow2"
-        make_disk(overlay, point.disks[disk].size, overwrite=True)
+        name, opts = disk.name, node_options(disk)
+        overlay = workdir / f"{name}.overlay.qcow2"
+        make_disk(overlay, point.disks[name].size, overwrite=True)
         node: dict[str, Any] = {
-            "driver": "qcow2", "node-name": disk,
-            "file": {"driver": "file", "node-name": f"{disk}-file", "filename": str(overlay)},
+            "driver": "qcow2", "node-name": name, **opts,
+            "file": {"driver": "file", "node-name": f"{name}-file", "filename": str(overlay),
+                     **opts},
             "backing": {
-                "driver": "nbd", "node-name": f"{disk}-nbd", "export": disk, "read-only": True,
+                "driver": "nbd", "node-name": f"{name}-nbd", "export": name, "read-only": True,
                 "server": {"type": "unix", "path": str(sock)},
             },
         }  # fmt: skip
-        args += ["-blockdev", json.dumps(node)]
-        args += ["-device", f"virtio-blk-pci,drive={disk},id={disk}-dev,serial={disk}"]
+        args += ["-blockdev", json.dumps(node), *device_args(name, disk)]
     return args
 
 

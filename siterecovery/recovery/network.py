@@ -1,7 +1,8 @@
 """Network mapping (DESIGN §5): each source network maps to a recovery network, drills use an
 isolated one; and the QEMU NIC arguments that attach a replica VM to them.
 
-A VM's NICs are described in its config (replicated into every recovery point)::
+A VM's NICs are described in its config (replicated into every recovery point; the typed
+form is :class:`~siterecovery.domain.NicSpec`)::
 
     "nics": [{"network": "prod", "mac": "52:54:00:12:34:56", "model": "virtio-net-pci"}]
 
@@ -18,11 +19,11 @@ re-exported here).
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from siterecovery.domain import NIC_MODELS, VmConfig
 from siterecovery.errors import InputError
 from siterecovery.recovery.errors import FailoverError
 from siterecovery.vault.networks import (
@@ -49,8 +50,6 @@ __all__ = [
     "nic_args",
     "plan_nics",
 ]
-_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
-NIC_MODELS = ("virtio-net-pci", "e1000", "rtl8139")
 
 
 @dataclass(frozen=True)
@@ -97,15 +96,23 @@ class PlannedNic:
 
 
 def plan_nics(
-    vm: str, vm_config: Mapping[str, Any], mappings: Sequence[MappingRecord], *, test: bool
+    vm: str,
+    vm_config: VmConfig | Mapping[str, Any],
+    mappings: Sequence[MappingRecord],
+    *,
+    test: bool,
 ) -> list[PlannedNic]:
-    """The replica VM's NICs: each source network resolved through ``mappings``.
+    """The replica VM's NICs (model and MAC as recorded), each source network resolved
+    through ``mappings``; ``vm_config`` may be the point's JSON (checked here).
 
-    Raises FailoverError naming the unmapped networks (nothing is started).
+    Raises FailoverError naming the unmapped networks, VmConfigError for a malformed config
+    (nothing is started).
     """
+    config = vm_config
+    if not isinstance(config, VmConfig):
+        config = VmConfig.from_json(config, name=vm)
     by_source = {m.source_network: m for m in mappings}
-    nics = list(vm_config.get("nics", []))
-    missing = sorted({str(n.get("network")) for n in nics if n.get("network") not in by_source})
+    missing = sorted({n.network for n in config.nics if n.network not in by_source})
     if missing:
         raise FailoverError(
             f"VM {vm} has NICs on networks with no mapping: {', '.join(missing)}",
@@ -113,16 +120,10 @@ def plan_nics(
             "`siterecovery failover network map SOURCE --recovery NET --test NET`",
         )
     planned = []
-    for nic in nics:
-        mapping = by_source[str(nic["network"])]
-        mac = str(nic["mac"]).lower() if nic.get("mac") else None
-        if mac is not None and not _MAC_RE.match(mac):
-            raise FailoverError(f"VM {vm} has a NIC with an invalid MAC address {mac!r}")
-        model = str(nic.get("model", "virtio-net-pci"))
-        if model not in NIC_MODELS:
-            raise FailoverError(f"VM {vm} has a NIC of unknown model {model!r}")
+    for nic in config.nics:
+        mapping = by_source[nic.network]
         network = mapping.test_network if test else mapping.recovery_network
-        planned.append(PlannedNic(mapping.source_network, network, mac, model))
+        planned.append(PlannedNic(mapping.source_network, network, nic.mac, nic.model))
     return planned
 
 

@@ -11,25 +11,39 @@ Files of a replica of VM ``V`` (``SLOT`` is ``test`` for a drill, ``failover`` o
 
 The record holds pids, so a later command (cleanup, change-point, commit) finds the VM and
 its NBD server even from another process; removing SLOT removes everything a replica made.
+
+The replica is the machine the point records (:func:`point_config`): machine type, vCPUs and
+CPU model, memory, disks on their device models with their serials, discard and cache modes,
+the guest agent port and the boot configuration; NICs come in through the request's extra
+arguments (network.py). What this host cannot honour is changed to the closest setting it
+can (``hypervisor/machine.py``) and said in the warnings :func:`replica_spec` returns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import os
 import re
 import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from siterecovery.domain import VmConfig
 from siterecovery.errors import HypervisorError, InputError
 from siterecovery.fsutil import private_dir, write_private
+from siterecovery.hypervisor.machine import (
+    Honoured,
+    honour,
+    host_capabilities,
+    supports_direct_io,
+)
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec, qmp_execute
 from siterecovery.recovery import instant
 from siterecovery.recovery.errors import DrillCheckFailed, FailoverError
@@ -166,9 +180,14 @@ def verify_point(store: ReplicaStore, point: PointManifest) -> dict[str, Any]:
 # Starting and stopping
 
 
+def point_config(point: PointManifest) -> VmConfig:
+    """The machine ``point`` records; VmConfigError (an InputError) when it is malformed."""
+    return VmConfig.from_json(point.vm_config, name=point.vm)
+
+
 def disk_order(point: PointManifest) -> list[str]:
     """The point's disks in the source VM's device order (config order, then by name)."""
-    configured = [str(d["name"]) for d in point.vm_config.get("disks", []) if "name" in d]
+    configured = [d.name for d in point_config(point).disks]
     rest = sorted(set(point.disks) - set(configured))
     return [d for d in configured if d in point.disks] + rest
 
@@ -188,6 +207,21 @@ class StartRequest:
     accel: str
     forwards: list[str]
 
+    @functools.cached_property
+    def machine(self) -> Honoured:
+        """The point's machine within what this host runs under ``accel`` (the host's QEMU
+        is probed once per process), with a warning per setting that had to change."""
+        config = point_config(self.point)
+        caps = host_capabilities(self.accel)
+        return honour(config, caps, direct_io=supports_direct_io(self.workdir))
+
+
+class ReplicaLaunch(NamedTuple):
+    """What :func:`replica_spec` gives: the QEMU spec, and what this host could not honour."""
+
+    spec: VmProcessSpec
+    warnings: list[str]
+
 
 def prepare_disks(
     store: ReplicaStore,
@@ -197,19 +231,21 @@ def prepare_disks(
 ) -> tuple[list[DriveSpec], list[str], int]:
     """Make the disks: (drives, extra QEMU args, NBD server pid or 0)."""
     disks = disk_order(req.point)
+    config = req.machine.config
     if req.mode == RecoveryMode.INSTANT:
         server = instant.start_server(
             store_url=store.url, key_file=key_file, vm=req.vm,
             point_id=req.point.point_id, workdir=req.workdir,
         )  # fmt: skip
-        return [], instant.overlay_args(req.point, disks, req.workdir), server.pid
+        shapes = [config.disk(d) for d in disks]
+        return [], instant.overlay_args(req.point, shapes, req.workdir), server.pid
     dest = private_dir(req.workdir / req.point.point_id)
     drives = []
     for disk in disks:
         path = dest / f"{disk}.qcow2"
         callback = None if progress is None else _bind(progress, disk)
         store.restore_disk(req.point, disk, path, fmt="qcow2", progress=callback, overwrite=True)
-        drives.append(DriveSpec(disk, path, "qcow2"))
+        drives.append(DriveSpec(disk, path, "qcow2", disk=config.disk(disk)))
     return drives, [], 0
 
 
@@ -217,23 +253,43 @@ def _bind(progress: DiskProgress, disk: str) -> Callable[[int, int], None]:
     return lambda done, total: progress(disk, done, total)
 
 
-def replica_spec(req: StartRequest, drives: list[DriveSpec], disk_args: list[str]) -> VmProcessSpec:
-    """The QEMU spec of the replica, from the configuration stored in the point."""
-    config: Mapping[str, Any] = req.point.vm_config
-    boot: Mapping[str, Any] = config.get("boot", {})
-    return VmProcessSpec(
+def replica_spec(req: StartRequest, drives: list[DriveSpec], disk_args: list[str]) -> ReplicaLaunch:
+    """The QEMU spec of the replica: the point's machine as this host can run it, and one
+    warning per setting it could not honour (the job records them)."""
+    honoured = req.machine
+    spec = machine_spec(
+        honoured.config,
         name="replica",  # short: QMP socket paths are limited to 107 bytes
-        workdir=req.workdir,
-        drives=drives,
-        memory_mib=int(config.get("memory_mib", 256)),
-        cpus=int(config.get("cpus", 1)),
-        kernel=Path(boot["kernel"]) if boot.get("kernel") else None,
-        initrd=Path(boot["initrd"]) if boot.get("initrd") else None,
-        append=req.append if req.append is not None else str(boot.get("append", "")),
-        accel=req.accel,
-        extra_args=[*disk_args, *req.extra_args],
-        machine=str(config.get("machine", "q35")),
-    )
+        workdir=req.workdir, drives=drives, accel=req.accel,
+        extra_args=[*disk_args, *req.extra_args], append=req.append,
+    )  # fmt: skip
+    return ReplicaLaunch(spec, list(honoured.warnings))
+
+
+def machine_spec(
+    config: VmConfig,
+    *,
+    name: str,
+    workdir: Path,
+    drives: list[DriveSpec],
+    accel: str,
+    qmp: Path | None = None,
+    extra_args: list[str] | None = None,
+    append: str | None = None,
+) -> VmProcessSpec:
+    """The spec that starts ``config`` (already honoured: see ``hypervisor/machine.py``) as
+    VM ``name`` in ``workdir`` (its QMP socket at ``qmp`` if given); ``append`` replaces the
+    recorded kernel command line."""
+    boot = config.boot
+    return VmProcessSpec(
+        name=name, workdir=workdir, drives=drives, accel=accel, qmp=qmp,
+        memory_mib=config.memory_mib, cpus=config.cpus, cpu_model=config.cpu_model,
+        machine=config.machine, guest_agent=config.guest_agent, boot_order=boot.order,
+        kernel=Path(boot.kernel) if boot.kernel else None,
+        initrd=Path(boot.initrd) if boot.initrd else None,
+        append=append if append is not None else boot.append,
+        extra_args=list(extra_args or []),
+    )  # fmt: skip
 
 
 def boot(spec: VmProcessSpec) -> QemuProcess:

@@ -4,12 +4,14 @@ carry, and malformed content refused with an error naming the field (never a Key
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from siterecovery.domain import (
     BootConfig,
+    Consistency,
     DiskCache,
     DiskConfig,
     NicSpec,
@@ -17,6 +19,9 @@ from siterecovery.domain import (
     VmConfigError,
 )
 from siterecovery.errors import InputError
+from siterecovery.recovery import network
+from siterecovery.recovery.replica import disk_order, point_config
+from siterecovery.store.manifest import DiskChain, DiskRef, PointManifest
 
 FULL = VmConfig(
     name="web1",
@@ -73,6 +78,23 @@ def test_the_loose_form_of_older_points_takes_todays_defaults() -> None:
     assert VmConfig.from_json({}, name="vm1") == VmConfig("vm1")
 
 
+def _point(vm_config: dict[str, Any]) -> PointManifest:
+    chain = DiskChain(1 << 20, DiskRef("indexes/vm1/b", "0" * 64, 10))
+    return PointManifest("20240501T120000.000000Z-0000", "vm1", datetime.now(UTC),
+                         Consistency.CRASH, vm_config, {"zeta": chain, "data": chain})  # fmt: skip
+
+
+def test_an_old_point_still_plans_its_replica() -> None:
+    point = _point({"disks": [{"name": "data"}], "nics": [{"network": "prod"}]})
+    assert point_config(point).memory_mib == 256
+    assert disk_order(point) == ["data", "zeta"]
+    lan = network.NetworkRecord("lan", "user", "10.9.0.0/24")
+    drill = network.NetworkRecord("drill", "isolated", "10.99.0.0/24")
+    (nic,) = network.plan_nics("vm1", point.vm_config, [network.MappingRecord("prod", lan, drill)],
+                               test=True)  # fmt: skip
+    assert (nic.network, nic.mac, nic.model) == (drill, None, "virtio-net-pci")
+
+
 BAD: list[tuple[Any, str]] = [
     ([], r"vm_config must be an object, not list"),
     ({"cpus": "2"}, r"vm_config\.cpus must be a whole number from 1 to 288, not '2'"),
@@ -112,3 +134,11 @@ def test_malformed_content_is_refused_naming_the_field(doc: Any, message: str) -
     with pytest.raises(VmConfigError, match=f"^VM web1: {message}") as raised:
         VmConfig.from_json(doc, name="web1")
     assert isinstance(raised.value, InputError) and raised.value.hint
+
+
+def test_a_point_with_a_malformed_config_is_refused_before_planning() -> None:
+    point = _point({"memory_mib": -1})
+    with pytest.raises(VmConfigError, match=r"VM vm1: vm_config\.memory_mib"):
+        point_config(point)
+    with pytest.raises(VmConfigError, match=r"VM vm1: vm_config\.memory_mib"):
+        network.plan_nics("vm1", point.vm_config, [], test=False)
