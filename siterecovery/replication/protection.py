@@ -59,6 +59,7 @@ from siterecovery.domain import DiskSpec, ReplicationState, validate_name
 from siterecovery.errors import InputError, SiteRecoveryError
 from siterecovery.hypervisor.errors import QmpError, VmNotFound
 from siterecovery.hypervisor.qmp import QmpSession
+from siterecovery.hypervisor.shape import shape_config
 from siterecovery.hypervisor.tracking import ChangeTracker, Quiesce, discover_disks
 from siterecovery.policies.retry import diagnose
 from siterecovery.policies.schedule import CYCLING_STATES, RESYNC_THRESHOLD, over_threshold
@@ -395,7 +396,10 @@ class ProtectionService:
         if {d.name: d.size for d in found} == {d.name: d.size for d in record.disks}:
             return record
         config = dict(record.config)
-        config["disks"] = [{"name": d.name, "size": d.size, "fmt": d.fmt} for d in found]
+        known = {e.get("name"): e for e in config.get("disks", []) if isinstance(e, dict)}
+        # a disk the VM still has keeps its device model, serial and options
+        config["disks"] = [{**known.get(d.name, {}), "name": d.name, "size": d.size, "fmt": d.fmt}
+                           for d in found]  # fmt: skip
         specs = tuple(DiskSpec(d.name, d.size, node_name=d.node, path=d.filename, fmt=d.fmt)
                       for d in found)  # fmt: skip
         self.vault.report_vms([DiscoveredVm(record.name, config, specs)])
@@ -425,12 +429,18 @@ def discovered_vm(
     name: str, qmp_path: Path, config: Mapping[str, Any], qga_path: Path | None = None
 ) -> DiscoveredVm:
     """The VM reachable at ``qmp_path`` as a discovery report: its disks as QEMU reports
-    them, and its config with the host-local sockets. InputError when it has no disk."""
+    them, and its config with the host-local sockets. InputError when it has no disk.
+
+    The config is the machine's shape as QEMU reports it, under the keys of ``config``
+    (:func:`~siterecovery.hypervisor.shape.shape_config`); ``qga_path`` replaces the guest
+    agent socket the shape found.
+    """
     validate_name("VM", name)
     found = discover_disks(qmp_path)
     if not found:
         raise InputError(f"VM {name} has no writable disk to protect")
-    full: dict[str, Any] = {**config, "qmp": str(qmp_path)}
+    full: dict[str, Any] = {**shape_config(qmp_path, name=name, given=config),
+                            "qmp": str(qmp_path)}  # fmt: skip
     if qga_path is not None:
         full["qga"] = str(qga_path)
     full.setdefault("disks", [{"name": d.name, "size": d.size, "fmt": d.fmt} for d in found])

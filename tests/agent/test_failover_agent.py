@@ -1,7 +1,8 @@
 """Resync and a drill through the vault API, run by agents in separate processes on a real
 (paused) QEMU VM: the primary host's agent protects and resynchronizes the VM; a recovery
 site's agent claims the test failover, starts the replica from the store (instant recovery)
-and removes it on cleanup."""
+as the machine the primary's agent discovered (machine type, vCPUs, CPU model, memory), and
+removes it on cleanup."""
 
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def sites(tmp_path: Path) -> Iterator[Sites]:
                    check=True)  # fmt: skip
     vm = QemuProcess.start(
         VmProcessSpec(
-            name="vm1", workdir=vmdir, drives=[DriveSpec("disk0", disk)], extra_args=["-S"]
+            name="vm1", workdir=vmdir, drives=[DriveSpec("disk0", disk)], extra_args=["-S"],
+            machine="pc", cpus=2, cpu_model="max", memory_mib=192,
         )
     )
     dirs = {"kvm1": tmp_path / "kvm1", "dr1": tmp_path / "dr1"}
@@ -152,6 +154,12 @@ def test_agents_resync_and_run_a_drill_from_the_recovery_site(sites: Sites) -> N
     record = ReplicaRecord.load(sites.dirs["dr1"] / "recovery" / "vm1" / "test")
     assert record is not None and record.mode == "instant"
     assert instant.pid_alive(record.pid) and instant.pid_alive(record.server_pid)
+    start = {t["name"]: t for t in done["tasks"]}["start replica VM"]["details"]
+    assert start["warnings"] == []
+    argv = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
+    for flag, value in ((b"-machine", b"pc-i440fx-"), (b"-smp", b"2"), (b"-cpu", b"max"),
+                        (b"-m", b"192")):  # fmt: skip
+        assert argv[argv.index(flag) + 1].startswith(value), argv
 
     cleanup = sites.api("POST", "/v1/vms/vm1/failover/cleanup")
     assert sites.wait_job(cleanup["id"])["state"] == "succeeded"

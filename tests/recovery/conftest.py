@@ -1,8 +1,11 @@
 """A protected VM on the embedded default, for recovery tests.
 
 ``protected_vm(name, mode=..., data_size=...)`` starts a primary QEMU VM (the demo guest; with
-``paused`` its vCPUs never run, which is enough to replicate its disks), registers it, runs
-the enable protection job and returns a :class:`Site` with everything a failover needs.
+``paused`` its vCPUs never run, which is enough to replicate its disks), registers it (its
+config is the shape QEMU reports, under ``nics`` and ``config`` when given), runs the enable
+protection job and returns a :class:`Site` with everything a failover needs. ``machine``
+passes further VmProcessSpec fields (machine type, CPUs, memory, extra args) and ``disks``
+the guest devices of the ``system`` and ``data`` disks.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import platformdirs
 import pytest
 
 from siterecovery.agent.embedded import EmbeddedAgent, EmbeddedFailover
+from siterecovery.domain import DiskConfig
 from siterecovery.hypervisor.guest import GuestImage, build_guest, guest_cmdline, make_disk
 from siterecovery.hypervisor.process import DriveSpec, QemuProcess, VmProcessSpec, live_processes
 from siterecovery.recovery.replica import RecoveryHost
@@ -89,6 +93,9 @@ def protected_vm(site: Site) -> Callable[..., QemuProcess]:
         nics: list[dict[str, Any]] | None = None,
         boot_marker: bool = True,
         fill_mib: int = 0,
+        machine: dict[str, Any] | None = None,
+        disks: dict[str, DiskConfig] | None = None,
+        config: dict[str, Any] | None = None,
     ) -> QemuProcess:
         workdir = site.root / "primary" / name
         workdir.mkdir()
@@ -101,24 +108,21 @@ def protected_vm(site: Site) -> Callable[..., QemuProcess]:
                            capture_output=True)  # fmt: skip
         spec = VmProcessSpec(
             name=name, workdir=workdir,
-            drives=[DriveSpec("system", system), DriveSpec("data", data)],
+            drives=[DriveSpec(n, path, disk=(disks or {}).get(n))
+                    for n, path in (("system", system), ("data", data))],
             kernel=site.guest.kernel, initrd=site.guest.initrd,
             append=append or guest_cmdline("idle"), accel="tcg",
-            extra_args=["-S"] if paused else [],
+            **{**(machine or {}),
+               "extra_args": [*(machine or {}).get("extra_args", []), *(["-S"] if paused else [])]},
         )  # fmt: skip
         vm = QemuProcess.start(spec)
         site.primaries[name] = vm
         if not paused and boot_marker:
             vm.wait_serial(r"^SR-BOOTED", 120)
-        config: dict[str, Any] = {
-            "cpus": 1, "memory_mib": spec.memory_mib,
-            "boot": {"kernel": str(spec.kernel), "initrd": str(spec.initrd),
-                     "append": spec.append},
-            "disks": [{"name": "system"}, {"name": "data"}],
-        }  # fmt: skip
+        given = dict(config or {})
         if nics is not None:
-            config["nics"] = nics
-        site.protection.register_vm(host="kvm1", name=name, qmp_path=vm.qmp_path, config=config)
+            given["nics"] = nics
+        site.protection.register_vm(host="kvm1", name=name, qmp_path=vm.qmp_path, config=given)
         site.protection.enable_protection(name, "p30")
         return vm
 
