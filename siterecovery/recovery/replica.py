@@ -208,7 +208,7 @@ class StartRequest:
     forwards: list[str]
 
     @functools.cached_property
-    def machine(self) -> Honoured:
+    def honoured(self) -> Honoured:
         """The point's machine within what this host runs under ``accel`` (the host's QEMU
         is probed once per process), with a warning per setting that had to change."""
         config = point_config(self.point)
@@ -231,7 +231,7 @@ def prepare_disks(
 ) -> tuple[list[DriveSpec], list[str], int]:
     """Make the disks: (drives, extra QEMU args, NBD server pid or 0)."""
     disks = disk_order(req.point)
-    config = req.machine.config
+    config = req.honoured.config
     if req.mode == RecoveryMode.INSTANT:
         server = instant.start_server(
             store_url=store.url, key_file=key_file, vm=req.vm,
@@ -256,7 +256,7 @@ def _bind(progress: DiskProgress, disk: str) -> Callable[[int, int], None]:
 def replica_spec(req: StartRequest, drives: list[DriveSpec], disk_args: list[str]) -> ReplicaLaunch:
     """The QEMU spec of the replica: the point's machine as this host can run it, and one
     warning per setting it could not honour (the job records them)."""
-    honoured = req.machine
+    honoured = req.honoured
     spec = machine_spec(
         honoured.config,
         name="replica",  # short: QMP socket paths are limited to 107 bytes

@@ -99,8 +99,14 @@ def sites(tmp_path: Path) -> Iterator[Sites]:
                    check=True)  # fmt: skip
     vm = QemuProcess.start(
         VmProcessSpec(
-            name="vm1", workdir=vmdir, drives=[DriveSpec("disk0", disk)], extra_args=["-S"],
-            machine="pc", cpus=2, cpu_model="max", memory_mib=192,
+            name="vm1",
+            workdir=vmdir,
+            drives=[DriveSpec("disk0", disk)],
+            extra_args=["-S"],
+            machine="pc",
+            cpus=2,
+            cpu_model="max",
+            memory_mib=192,
         )
     )
     dirs = {"kvm1": tmp_path / "kvm1", "dr1": tmp_path / "dr1"}
