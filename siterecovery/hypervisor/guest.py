@@ -27,7 +27,8 @@ Kernel command line (see :func:`guest_cmdline`): ``sr.mode=`` selects what ``/in
     0) the first record index.
 ``verify``
     read record slots from 0 until the first slot without a valid header (or ``sr.count``),
-    print ``SR-HAVE <i> <sha256>`` for each, then ``SR-VERIFY-DONE <n>`` and power off.
+    print ``SR-HAVE <i> <sha256>`` for each, then ``SR-VERIFY-DONE <n>`` and power off
+    (``sr.stay=1``: keep running, as a recovered VM does until its failover is committed).
 
 ``linked``
     write **linked records** across two data disks: record ``i`` (exactly
@@ -103,7 +104,7 @@ fail() { echo "SR-ERROR $*"; poweroff -f; sleep 3600; }
 idle() { while true; do sleep 3600; done; }
 
 SR_mode=idle SR_seed=1 SR_interval_ms=200 SR_count= SR_start=0 SR_disk=vdb SR_marker=vda
-SR_partner=vdc SR_fs=
+SR_partner=vdc SR_fs= SR_stay=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     sr.*=*)
@@ -195,6 +196,7 @@ verify() {
   done
   echo "SR-VERIFY-DONE $i"
   sync
+  [ "$SR_stay" = 1 ] && idle
   poweroff -f
   idle
 }
