@@ -198,6 +198,8 @@ class EmbeddedAgent:
                 recovery_dir=self.recovery_dir, accel=self.accel, on_job=self.on_job,
                 recovery_host=self.recovery_host, detach=False,
             )  # fmt: skip
+        # What the door holds now (a caller may swap the store, e.g. new credentials).
+        worker.protection.store = worker.recovery.store = self.store
         worker.protection.progress = self.progress
         worker.protection.resync_threshold = self.resync_threshold
         return worker

@@ -140,16 +140,22 @@ def utc(kind: str, value: object) -> datetime:
         raise TimeOutOfRange(f"{kind} {moment.isoformat()} is out of range") from None
 
 
-def within(kind: str, value: datetime, *, earliest: datetime, latest: datetime) -> datetime:
-    """``value`` (aware) if it lies in ``[earliest - skew, latest + skew]``, with the skew
-    :data:`limits.CLOCK_SKEW_S`; TimeOutOfRange naming the bound it misses otherwise."""
+def within(
+    kind: str, value: datetime, *, earliest: datetime, latest: datetime,
+    skew_s: float | None = limits.CLOCK_SKEW_S,
+) -> datetime:  # fmt: skip
+    """``value`` (aware) if it lies in ``[earliest - skew, latest + skew]`` (``skew_s``, by
+    default :data:`limits.CLOCK_SKEW_S`; None: only representable); TimeOutOfRange naming the
+    bound it misses otherwise."""
     moment = utc(kind, value)
-    skew = timedelta(seconds=limits.CLOCK_SKEW_S)
+    if skew_s is None:
+        return moment
+    skew = timedelta(seconds=skew_s)
     if moment < earliest - skew:
         raise TimeOutOfRange(f"{kind} {moment.isoformat()} is before {earliest.isoformat()}")
     if moment > latest + skew:
         raise TimeOutOfRange(
-            f"{kind} {moment.isoformat()} is more than {limits.CLOCK_SKEW_S} s after the "
+            f"{kind} {moment.isoformat()} is more than {skew_s:g} s after the "
             f"vault's time {latest.isoformat()}"
         )
     return moment

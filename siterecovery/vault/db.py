@@ -46,6 +46,7 @@ from sqlalchemy.pool import StaticPool
 
 from siterecovery.errors import InputError, SiteRecoveryError, VaultError
 from siterecovery.fsutil import create_private
+from siterecovery.vault import limits
 from siterecovery.vault.errors import Conflict, DatabaseUnavailable, SchemaTooNew
 
 #: A clock returns the current time as an aware datetime (converted to UTC by the vault).
@@ -73,9 +74,12 @@ class Database:
     Create it with :func:`open_database`; call :meth:`close` when done.
     """
 
-    def __init__(self, engine: Engine, *, clock: Clock) -> None:
+    def __init__(self, engine: Engine, *, clock: Clock, clock_skew_s: float | None) -> None:
         self.engine = engine
         self.clock = clock
+        #: How far a reported time (a recovery point's, on the agent's clock) may lie outside
+        #: the vault's own bounds; None: unbounded (a simulated vault clock, see open_database).
+        self.clock_skew_s = clock_skew_s
         self._write_sessions = sessionmaker(bind=engine, expire_on_commit=False)
         read_engine = engine.execution_options(**{_WRITE_OPTION: False})
         self._read_sessions = sessionmaker(bind=read_engine, expire_on_commit=False)
@@ -120,8 +124,16 @@ class Database:
         self.engine.dispose()
 
 
-def open_database(url: str, *, clock: Clock = utc_now, migrate: bool = True) -> Database:
+def open_database(
+    url: str, *, clock: Clock = utc_now, migrate: bool = True,
+    clock_skew_s: float | None = limits.CLOCK_SKEW_S,
+) -> Database:  # fmt: skip
     """Open the vault database at ``url`` and bring its schema to the newest revision.
+
+    ``clock`` is the vault's clock; ``clock_skew_s`` how far agents' clocks may differ from it
+    when they report times (:func:`siterecovery.vault.checks.within`). ``None`` leaves
+    reported times unbounded: only for a simulated vault clock that is not the wall clock the
+    agents' reports are dated with (tests that move time by hand).
 
     Idempotent: opening an up-to-date database changes nothing. Raises :class:`InputError` for
     a malformed or unsupported URL, :class:`SchemaTooNew` for a database written by a newer
@@ -129,7 +141,7 @@ def open_database(url: str, *, clock: Clock = utc_now, migrate: bool = True) -> 
     """
     parsed = _parse_url(url)
     engine = _create_engine(parsed)
-    database = Database(engine, clock=clock)
+    database = Database(engine, clock=clock, clock_skew_s=clock_skew_s)
     try:
         if migrate:
             _migrate(engine)

@@ -56,7 +56,8 @@ def record_point(
     with db.transaction() as session:
         row = rows.replicated(session, vm, for_update=True)
         now = db.now()
-        checks.within("recovery point time", moment, earliest=row.created_at, latest=now)
+        checks.within("recovery point time", moment, earliest=row.created_at, latest=now,
+                      skew_s=db.clock_skew_s)  # fmt: skip
         if session.get(RecoveryPoint, (row.vm_id, point_id)) is not None:
             raise Conflict(f"recovery point {point_id!r} of VM {vm!r} is already recorded")
         point = RecoveryPoint(

@@ -72,7 +72,8 @@ class AgentRig:
 
 def _vault(workdir: Path, app_h: int) -> tuple[Database, Clock, ReplicaStore, EmbeddedAgent]:
     clock = Clock()
-    db = open_database(f"sqlite:///{workdir / 'vault.db'}", clock=clock)
+    # The vault clock is simulated; point times are the wall clock: not bounded by skew.
+    db = open_database(f"sqlite:///{workdir / 'vault.db'}", clock=clock, clock_skew_s=None)
     service.ensure_site(db, name="primary", role=SiteRole.PRIMARY)
     service.ensure_host(db, name="h1", site="primary")
     service.create_policy(

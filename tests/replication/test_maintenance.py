@@ -39,7 +39,8 @@ def test_is_due_table() -> None:
 
 def _vault_with_points(tmp_path: Path) -> tuple[Database, ReplicaStore, Clock, list[str]]:
     clock = Clock()
-    db = open_database(f"sqlite:///{tmp_path / 'vault.db'}", clock=clock)
+    # The vault clock is simulated; point times are the wall clock: not bounded by skew.
+    db = open_database(f"sqlite:///{tmp_path / 'vault.db'}", clock=clock, clock_skew_s=None)
     service.ensure_site(db, name="dc1", role=SiteRole.PRIMARY)
     service.ensure_host(db, name="h1", site="dc1")
     service.upsert_vm(db, host="h1", name="vm1", config={}, disks=[DiskSpec("d0", 1 << 20)])

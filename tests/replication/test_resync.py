@@ -179,7 +179,8 @@ def make_rig(
 ) -> VmRig:
     """Build the rig (vault, store, VM started, nothing protected yet)."""
     clock = Clock()
-    db = open_database(f"sqlite:///{workdir / 'vault.db'}", clock=clock)
+    # The vault clock is simulated; point times are the wall clock: not bounded by skew.
+    db = open_database(f"sqlite:///{workdir / 'vault.db'}", clock=clock, clock_skew_s=None)
     service.ensure_site(db, name="primary", role=SiteRole.PRIMARY)
     service.ensure_host(db, name="h1", site="primary")
     service.create_policy(db, name="gold", copy_frequency_s=30, retention_h=24)
