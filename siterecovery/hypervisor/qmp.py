@@ -15,6 +15,7 @@ Some hosts (Proxmox) allow one QMP client at a time, so callers connect, act, an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
@@ -31,9 +32,12 @@ from siterecovery.hypervisor.errors import QmpError
 class QmpSession:
     """One open QMP connection. Use :meth:`connect`; close it (or use ``with``)."""
 
-    def __init__(self, path: Path, monitor: QEMUMonitorProtocol) -> None:
+    def __init__(
+        self, path: Path, monitor: QEMUMonitorProtocol, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.path = path
         self._monitor = monitor
+        self._loop = loop
         self._pending: list[dict[str, Any]] = []
 
     @classmethod
@@ -45,14 +49,18 @@ class QmpSession:
                 f"QMP socket {path} does not exist",
                 hint="is the VM running, and was it started with -qmp unix:PATH,server=on?",
             )
+        # Each session runs on an event loop of its own, closed with it: the qemu.qmp shim
+        # would otherwise leave one open loop behind in every thread that ever connected.
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         monitor = QEMUMonitorProtocol(str(path))
         try:
             monitor.settimeout(timeout)
             monitor.connect()
         except (QMPError, OSError) as exc:
-            monitor.close()
+            _close(monitor, loop)
             raise QmpError(f"cannot connect to QMP socket {path}: {exc}") from exc
-        return cls(path, monitor)
+        return cls(path, monitor, loop)
 
     def cmd(self, name: str, /, **args: Any) -> Any:
         """Run one QMP command and return its result; raise :class:`QmpError` on failure."""
@@ -101,9 +109,9 @@ class QmpSession:
         return None
 
     def close(self) -> None:
-        """Close the connection; idempotent."""
-        with contextlib.suppress(QMPError, OSError):
-            self._monitor.close()
+        """Close the connection and its event loop; idempotent."""
+        if not self._loop.is_closed():
+            _close(self._monitor, self._loop)
 
     def __enter__(self) -> QmpSession:
         return self
@@ -115,6 +123,20 @@ class QmpSession:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _close(monitor: QEMUMonitorProtocol, loop: asyncio.AbstractEventLoop) -> None:
+    """Disconnect ``monitor``, then close its loop (and forget it if it is the thread's)."""
+    with contextlib.suppress(QMPError, OSError):
+        monitor.close()
+    # A transport closes its socket in a callback of the next loop iteration: run them.
+    with contextlib.suppress(RuntimeError):
+        for _ in range(3):
+            loop.run_until_complete(asyncio.sleep(0))
+    with contextlib.suppress(RuntimeError):  # no current loop in this thread
+        if asyncio.get_event_loop_policy().get_event_loop() is loop:
+            asyncio.set_event_loop(None)
+    loop.close()
 
 
 def _matches(event: Mapping[str, Any], name: str, match: Mapping[str, Any]) -> bool:

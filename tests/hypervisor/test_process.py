@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from siterecovery.errors import InputError, NotFoundError
 from siterecovery.hypervisor import process as proc_mod
@@ -32,6 +31,7 @@ from siterecovery.hypervisor.process import (
     qemu_argv,
     qmp_execute,
 )
+from siterecovery.hypervisor.qmp import QmpSession
 
 import filesafety  # isort: skip
 
@@ -231,8 +231,7 @@ def test_files_go_to_the_workdir_and_only_the_socket_to_a_named_path(workdir: Pa
 def test_stop_falls_back_to_signals_when_qmp_is_busy(workdir: Path) -> None:
     vm = QemuProcess.start(_paused_vm(workdir))
     # QEMU serves one QMP client at a time: hold the monitor so `quit` cannot get through.
-    holder = QEMUMonitorProtocol(str(vm.qmp_path))
-    holder.connect()
+    holder = QmpSession.connect(vm.qmp_path)
     started = time.monotonic()
     try:
         vm.stop(timeout=3)
@@ -316,9 +315,7 @@ def test_storage_daemon_serves_qmp_and_nbd_and_stops_cleanly(workdir: Path) -> N
     try:
         assert qsd.alive()
         assert qsd.nbd_path == workdir / "nbd.sock"
-        monitor = QEMUMonitorProtocol(str(qsd.qmp_path))
-        monitor.connect()
-        try:
+        with QmpSession.connect(qsd.qmp_path) as monitor:
             nodes = monitor.cmd("query-named-block-nodes")
             assert isinstance(nodes, list)
             assert {"data", "data-file"} <= {n["node-name"] for n in nodes}
@@ -326,8 +323,6 @@ def test_storage_daemon_serves_qmp_and_nbd_and_stops_cleanly(workdir: Path) -> N
             assert (
                 monitor.cmd("block-dirty-bitmap-add", node="data", name="b0", persistent=True) == {}
             )
-        finally:
-            monitor.close()
         with socket.socket(socket.AF_UNIX) as nbd:
             nbd.settimeout(5)
             nbd.connect(str(qsd.nbd_path))
